@@ -1,0 +1,29 @@
+"""Training engine: TensorData, Trainer/fit, schedules, AdamW with discriminative lrs, lr finder."""
+
+from modeling.training import callbacks
+from modeling.training.callbacks import Callback, EarlyStopping, History, ProgressBar
+from modeling.training.data import TensorData, batches
+from modeling.training.lr_finder import LRFinderResult, lr_find
+from modeling.training.optim import freeze, make_optimizer, spread_lrs, unfreeze
+from modeling.training.schedules import Schedule, make_schedule
+from modeling.training.trainer import Trainer, fit
+
+__all__ = [
+    "Callback",
+    "EarlyStopping",
+    "History",
+    "LRFinderResult",
+    "ProgressBar",
+    "Schedule",
+    "TensorData",
+    "Trainer",
+    "batches",
+    "callbacks",
+    "fit",
+    "freeze",
+    "lr_find",
+    "make_optimizer",
+    "make_schedule",
+    "spread_lrs",
+    "unfreeze",
+]

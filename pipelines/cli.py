@@ -1,0 +1,287 @@
+"""The `tabrec` command. Logs and progress go to stderr; with --json the last stdout line is JSON.
+
+Exit codes: 0 ok, 2 bad input or usage (the message names file/column/row), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from modeling.errors import DataError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train, track and serve entity-embedding tabular models and recommenders.")
+data_app = typer.Typer(no_args_is_help=True, help="Demo data.")
+synth_app = typer.Typer(no_args_is_help=True, help="Write seeded synthetic data sets.")
+train_app = typer.Typer(no_args_is_help=True, help="Train a model, tracked in MLflow.")
+lr_app = typer.Typer(no_args_is_help=True, help="Run the learning-rate finder only.")
+app.add_typer(data_app, name="data")
+data_app.add_typer(synth_app, name="synth")
+app.add_typer(train_app, name="train")
+app.add_typer(lr_app, name="lr-find")
+
+log = logging.getLogger("tabrec")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last stdout line.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info logs.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for every random choice.")]
+
+
+def _setup_logging(quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("mlflow", "alembic", "urllib3", "git"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _run(fn: Callable[[], Any], as_json: bool, quiet: bool = False, human: Callable[[Any], str] | None = None) -> None:
+    """Run a command body and map errors to the exit-code contract."""
+    _setup_logging(quiet)
+    try:
+        result = fn()
+    except DataError as exc:
+        _fail(2, str(exc), as_json)
+    except KeyboardInterrupt:
+        _fail(130, "interrupted", as_json)
+    except Exception as exc:  # internal error: message on stderr, traceback only in debug
+        if os.environ.get("TABREC_DEBUG"):
+            traceback.print_exc()
+        _fail(1, f"internal error: {type(exc).__name__}: {exc}", as_json)
+    if as_json:
+        print(json.dumps(result, default=str))
+    elif human is not None:
+        print(human(result))
+    elif result is not None:
+        print(json.dumps(result, indent=2, default=str))
+
+
+def _fail(code: int, msg: str, as_json: bool) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"error": msg, "exit_code": code}))
+    raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------- data synth
+@synth_app.command("rossmann")
+def synth_rossmann(
+    out: Annotated[Path, typer.Option(help="Output directory (train.csv, store.csv, test.csv).")],
+    stores: Annotated[int, typer.Option(min=1)] = 50,
+    days: Annotated[int, typer.Option(min=60)] = 730,
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rossmann-schema store sales with learnable structure."""
+    from pipelines.synth import write_rossmann
+
+    _run(lambda: {k: str(v) for k, v in write_rossmann(out, stores=stores, days=days, seed=seed).items()}, as_json)
+
+
+@synth_app.command("ratings")
+def synth_ratings(
+    out: Annotated[Path, typer.Option(help="Output directory (u.data, movies.csv).")],
+    users: Annotated[int, typer.Option(min=2)] = 943,
+    items: Annotated[int, typer.Option(min=2)] = 1682,
+    ratings: Annotated[int, typer.Option(min=10)] = 100_000,
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """MovieLens-100k-format ratings from latent factors and biases."""
+    from pipelines.synth import write_ratings
+
+    _run(lambda: {k: str(v) for k, v in write_ratings(out, users=users, items=items, ratings=ratings,
+                                                       seed=seed).items()}, as_json)
+
+
+# ---------------------------------------------------------------- train ratings
+def _ratings_config(**kw: Any) -> Any:
+    from pipelines.train_ratings import RatingsConfig
+
+    return RatingsConfig(**kw)
+
+
+@train_app.command("ratings")
+def train_ratings_cmd(
+    ratings: Annotated[str, typer.Option(help="Ratings file (u.data, ratings.dat, ratings.csv, CSV, Parquet).")],
+    format: Annotated[str, typer.Option(help="auto|ml-100k|ml-1m|ml-latest|csv|parquet")] = "auto",
+    items: Annotated[str | None, typer.Option(help="Item metadata (u.item, movies.dat, movies.csv).")] = None,
+    valid: Annotated[str | None, typer.Option(help="Explicit validation ratings file.")] = None,
+    valid_frac: Annotated[float, typer.Option(help="Validation fraction when --valid is not given.")] = 0.2,
+    split: Annotated[str, typer.Option(help="random|time|user-last")] = "random",
+    model: Annotated[str, typer.Option(help="dot (DotProductBias) or nn (EmbeddingNN)")] = "dot",
+    factors: Annotated[int, typer.Option(min=1)] = 50,
+    epochs: Annotated[int, typer.Option(min=1)] = 5,
+    lr: Annotated[str, typer.Option(help="'auto' (lr finder) or a number")] = "auto",
+    wd: Annotated[float, typer.Option(help="AdamW decoupled weight decay")] = 0.1,
+    batch_size: Annotated[int, typer.Option(min=1)] = 1024,
+    seed: SeedOpt = 0,
+    experiment: Annotated[str, typer.Option()] = "ratings",
+    register: Annotated[str | None, typer.Option(help="Register as this model name.")] = None,
+    force: Annotated[bool, typer.Option(help="Promote to champion even if not better.")] = False,
+    user_col: Annotated[str | None, typer.Option()] = None,
+    item_col: Annotated[str | None, typer.Option()] = None,
+    rating_col: Annotated[str | None, typer.Option()] = None,
+    time_col: Annotated[str | None, typer.Option()] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a DotProductBias or EmbeddingNN recommender."""
+    from pipelines.train_ratings import train_ratings
+
+    cfg_kw = dict(ratings=ratings, format=format, items=items, valid=valid, valid_frac=valid_frac, split=split,
+                  model=model, factors=factors, epochs=epochs, lr=lr, wd=wd, batch_size=batch_size, seed=seed,
+                  experiment=experiment, register=register, force=force, user_col=user_col,
+                  item_col=item_col, rating_col=rating_col, time_col=time_col, quiet=quiet)
+    _run(lambda: train_ratings(_ratings_config(**cfg_kw)), as_json, quiet, human=_human_train)
+
+
+def _human_train(r: dict[str, Any]) -> str:
+    lines = [f"run {r['run_id']}  model {r['model_uri']}  ({r['train_seconds']:.1f} s training)"]
+    lines += [f"  {k:>20}: {v:.4f}" for k, v in r["metrics"].items()]
+    if r.get("registered"):
+        reg = r["registered"]
+        lines.append(f"registered {reg['name']} v{reg['version']}" + (f" @{reg['alias']}" if reg["alias"] else ""))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- train rossmann
+@train_app.command("rossmann")
+def train_rossmann_cmd(
+    train: Annotated[str, typer.Option(help="Kaggle train.csv (.csv, .csv.gz or .parquet).")],
+    store: Annotated[str, typer.Option(help="Kaggle store.csv.")],
+    external_dir: Annotated[str | None, typer.Option(help="Folder with store_states.csv, weather/, googletrend/.")] = None,
+    valid_days: Annotated[int, typer.Option(min=1, help="Last N days of train.csv are the validation set.")] = 42,
+    epochs: Annotated[int, typer.Option(min=1)] = 5,
+    lr: Annotated[str, typer.Option(help="'auto' (lr finder) or a number")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=2)] = 512,
+    seed: SeedOpt = 0,
+    experiment: Annotated[str, typer.Option()] = "rossmann",
+    register: Annotated[str | None, typer.Option(help="Register as this model name.")] = None,
+    force: Annotated[bool, typer.Option(help="Promote to champion even if not better.")] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train the entity-embedding TabularModel on Rossmann data, with forest checks."""
+    from pipelines.train_rossmann import RossmannConfig, train_rossmann
+
+    cfg = dict(train=train, store=store, external_dir=external_dir, valid_days=valid_days, epochs=epochs,
+               lr=lr, batch_size=batch_size, seed=seed, experiment=experiment, register=register,
+               force=force, quiet=quiet)
+    _run(lambda: train_rossmann(RossmannConfig(**cfg)), as_json, quiet, human=_human_train)
+
+
+# ---------------------------------------------------------------- lr-find
+@lr_app.command("rossmann")
+def lr_find_rossmann(
+    train: Annotated[str, typer.Option()],
+    store: Annotated[str, typer.Option()],
+    external_dir: Annotated[str | None, typer.Option()] = None,
+    valid_days: Annotated[int, typer.Option(min=1)] = 42,
+    batch_size: Annotated[int, typer.Option(min=2)] = 512,
+    seed: SeedOpt = 0,
+    plot: Annotated[Path | None, typer.Option(help="Write the loss-vs-lr plot here (PNG).")] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Sweep learning rates on the Rossmann model and suggest one."""
+    from pipelines.train_rossmann import RossmannConfig, find_lr, prepare
+
+    def body() -> dict[str, Any]:
+        cfg = RossmannConfig(train=train, store=store, external_dir=external_dir, valid_days=valid_days,
+                             batch_size=batch_size, seed=seed, quiet=quiet)
+        return _finder_result(find_lr(cfg, prepare(cfg)), plot)
+
+    _run(body, as_json, quiet)
+
+
+@lr_app.command("ratings")
+def lr_find_ratings(
+    ratings: Annotated[str, typer.Option()],
+    format: Annotated[str, typer.Option()] = "auto",
+    model: Annotated[str, typer.Option()] = "dot",
+    factors: Annotated[int, typer.Option(min=1)] = 50,
+    wd: Annotated[float, typer.Option()] = 0.1,
+    batch_size: Annotated[int, typer.Option(min=1)] = 1024,
+    seed: SeedOpt = 0,
+    plot: Annotated[Path | None, typer.Option(help="Write the loss-vs-lr plot here (PNG).")] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Sweep learning rates on a ratings model and suggest one."""
+    from pipelines.train_ratings import find_lr
+
+    def body() -> dict[str, Any]:
+        cfg = _ratings_config(ratings=ratings, format=format, model=model, factors=factors, wd=wd,
+                              batch_size=batch_size, seed=seed, quiet=quiet)
+        return _finder_result(find_lr(cfg), plot)
+
+    _run(body, as_json, quiet)
+
+
+def _finder_result(result: Any, plot: Path | None) -> dict[str, Any]:
+    out = {"suggestion": result.suggestion, "method": result.method,
+           "lrs": [float(x) for x in result.lrs], "losses": [float(x) for x in result.losses]}
+    if plot is not None:
+        out["plot"] = str(result.plot(plot))
+    return out
+
+
+# ---------------------------------------------------------------- batch
+@app.command("score")
+def score_cmd(
+    model: Annotated[str, typer.Option(help="Bundle dir, runs:/<id>/model, models:/<name>/<version> or @alias.")],
+    input: Annotated[str, typer.Option(help="Parquet/CSV file or a directory of them.")],
+    output: Annotated[str, typer.Option(help="Output Parquet file.")],
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score a file with a tabular or ratings model (keys + prediction, Parquet)."""
+    from pipelines.score import score_file
+
+    _run(lambda: score_file(model, input, output, quiet=quiet), as_json, quiet)
+
+
+@app.command("recommend")
+def recommend_cmd(
+    model: Annotated[str, typer.Option(help="A ratings model URI.")],
+    output: Annotated[str, typer.Option(help="Output Parquet file (user, rank, item, score).")],
+    users: Annotated[str | None, typer.Option(help="File of user ids (one column); default all users.")] = None,
+    k: Annotated[int, typer.Option(min=1)] = 10,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Top-k recommendations for all or listed users, seen items excluded."""
+    from pipelines.score import recommend_file
+
+    _run(lambda: recommend_file(model, output, users=users, k=k, quiet=quiet), as_json, quiet)
+
+
+# ---------------------------------------------------------------- serve
+@app.command("serve")
+def serve_cmd(
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    model: Annotated[list[str] | None, typer.Option(help="NAME=URI, repeatable.")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Uvicorn worker processes.")] = None,
+) -> None:
+    """Serve registered models over HTTP (FastAPI + uvicorn)."""
+    from service.server import serve
+
+    _run(lambda: serve(host=host, port=port, models=model or [], workers=workers), as_json=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

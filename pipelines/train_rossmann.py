@@ -1,0 +1,300 @@
+"""Rossmann training job: ingest → features → processor → TabularModel → forest checks → MLflow."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from modeling.bundle import save_bundle
+from modeling.embeddings import get_emb_szs
+from modeling.errors import DataError
+from modeling.forest import (
+    ForestConfig,
+    adversarial_validation,
+    embedding_features,
+    error_by_confidence,
+    permutation_importance_check,
+    plot_adversarial,
+    plot_confidence,
+    plot_importance,
+    rf_baseline,
+    tree_confidence,
+)
+from modeling.metrics import exp_rmspe, rmspe
+from modeling.processor import TabularProcessor
+from modeling.tabular import TabularModel
+from modeling.training import TensorData, Trainer, lr_find
+from modeling.training.callbacks import EarlyStopping
+from pipelines import reports, tracking
+from pipelines.features.rossmann import (
+    build_feature_pipeline,
+    feature_columns,
+    input_schema,
+    split_by_days,
+    training_rows,
+)
+from pipelines.ingest.rossmann import (
+    check_stores,
+    read_external,
+    read_store,
+    read_train,
+)
+
+log = logging.getLogger("tabrec.train.rossmann")
+
+
+@dataclass
+class RossmannConfig:
+    train: str
+    store: str
+    external_dir: str | None = None
+    valid_days: int = 42
+    epochs: int = 5
+    lr: str = "auto"
+    batch_size: int = 512
+    layers: tuple[int, ...] = (1000, 500)
+    ps: tuple[float, ...] = (0.001, 0.01)
+    embed_p: float = 0.04
+    wd: float = 0.2
+    seed: int = 0
+    experiment: str = "rossmann"
+    register: str | None = None
+    force: bool = False
+    forest_rows: int = 200_000
+    forest_trees: int = 40
+    quiet: bool = False
+    emb_overrides: dict[str, int] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.valid_days < 1:
+            raise DataError("--valid-days must be >= 1")
+        if self.epochs < 1:
+            raise DataError("--epochs must be >= 1")
+        if self.batch_size < 2:
+            raise DataError("--batch-size must be >= 2 (BatchNorm needs two rows)")
+        if self.lr != "auto":
+            try:
+                if float(self.lr) <= 0:
+                    raise ValueError
+            except ValueError:
+                raise DataError(f"--lr must be 'auto' or a positive number, got {self.lr!r}") from None
+
+
+RAW_COLUMNS = ["Store", "DayOfWeek", "Date", "Open", "Promo", "StateHoliday", "SchoolHoliday"]
+
+
+@dataclass
+class PreparedData:
+    """Everything the model and the checks train on, built once."""
+
+    processor: TabularProcessor
+    pipeline: Any
+    train_rows: pd.DataFrame
+    valid_rows: pd.DataFrame
+    train: TensorData
+    valid: TensorData
+    cats: list[str]
+    conts: list[str]
+    raw_valid: pd.DataFrame
+    files: list[str]
+
+
+def prepare(cfg: RossmannConfig) -> PreparedData:
+    train_raw = read_train(cfg.train)
+    store = read_store(cfg.store)
+    check_stores(train_raw, store, cfg.train)
+    external = read_external(cfg.external_dir) if cfg.external_dir else None
+    if external is not None and external.empty:
+        raise DataError(f"--external-dir {cfg.external_dir}: no external tables found there")
+    pipeline = build_feature_pipeline(store, external)
+    feats = pipeline.fit_transform(train_raw)
+    rows = training_rows(feats)
+    if len(rows) == 0:
+        raise DataError(f"{cfg.train}: no open days with Sales > 0 to train on")
+    tr_rows, va_rows = split_by_days(rows, cfg.valid_days)
+    if len(tr_rows) == 0 or len(va_rows) == 0:
+        raise DataError(f"{cfg.train}: --valid-days {cfg.valid_days} leaves an empty train or valid set")
+    cats, conts = feature_columns(external is not None)
+    proc = TabularProcessor(cats, conts).fit(tr_rows)
+    train = _tensors(proc, tr_rows)
+    valid = _tensors(proc, va_rows)
+    raw_valid = va_rows[[c for c in RAW_COLUMNS if c in va_rows.columns]].reset_index(drop=True)
+    files = [cfg.train, cfg.store]
+    return PreparedData(proc, pipeline, tr_rows, va_rows, train, valid, cats, conts, raw_valid, files)
+
+
+def _tensors(proc: TabularProcessor, rows: pd.DataFrame) -> TensorData:
+    x_cat, x_cont = proc.transform(rows)
+    y = np.log(rows["Sales"].to_numpy(np.float64)).astype(np.float32)
+    return TensorData((torch.from_numpy(x_cat), torch.from_numpy(x_cont)), torch.from_numpy(y))
+
+
+def build_model(cfg: RossmannConfig, data: PreparedData) -> TabularModel:
+    y_max = float(data.train.y.max())
+    emb_szs = get_emb_szs(data.processor.cardinalities, cfg.emb_overrides or None)
+    model = TabularModel(emb_szs, len(data.processor.cont_names), layers=cfg.layers, ps=cfg.ps,
+                         embed_p=cfg.embed_p, y_range=(0.0, y_max * 1.1))
+    model.init_output_bias(float(data.train.y.mean()))
+    return model
+
+
+def find_lr(cfg: RossmannConfig, data: PreparedData) -> Any:
+    torch.manual_seed(cfg.seed)
+    return lr_find(build_model(cfg, data), data.train, wd=cfg.wd, batch_size=cfg.batch_size,
+                   seed=cfg.seed, quiet=cfg.quiet)
+
+
+def _rmspe_metric(pred: torch.Tensor, target: torch.Tensor) -> float:
+    return exp_rmspe(target, pred)
+
+
+def _codes_frame(data: TensorData, proc: TabularProcessor) -> pd.DataFrame:
+    x_cat, x_cont = data.xs
+    frame = pd.DataFrame(x_cat.numpy(), columns=proc.cat_names_out)
+    for j, name in enumerate(proc.cont_names):
+        frame[name] = x_cont[:, j].numpy()
+    return frame
+
+
+def run_forest_checks(cfg: RossmannConfig, data: PreparedData, model: TabularModel, tmp: Path) -> dict[str, Any]:
+    """Baseline, adversarial validation, importance, confidence, OOB and embedding-fed forest."""
+    fcfg = ForestConfig(n_estimators=cfg.forest_trees, max_rows=cfg.forest_rows, seed=cfg.seed)
+    x_tr, x_va = _codes_frame(data.train, data.processor), _codes_frame(data.valid, data.processor)
+    y_tr, y_va = data.train.y.numpy(), data.valid.y.numpy()
+    metric = _log_rmspe
+    base = rf_baseline(x_tr, y_tr, x_va, y_va, metric, fcfg)
+    adv = adversarial_validation(x_tr, x_va, cfg=ForestConfig(n_estimators=30, max_rows=100_000, seed=cfg.seed))
+    importance = permutation_importance_check(base.model, x_va, y_va, metric, seed=cfg.seed)
+    spread = tree_confidence(base.model, x_va)
+    conf_bins = error_by_confidence(spread, y_va, base.valid_pred)
+    emb_cols = {c: model.embeds[j].weight.detach().numpy() for j, c in enumerate(data.processor.cat_names_out)
+                if model.embeds[j].weight.shape[1] > 1 and data.processor.cardinalities[c] > 50}
+    emb_fcfg = ForestConfig(n_estimators=cfg.forest_trees, max_rows=min(cfg.forest_rows, 100_000), seed=cfg.seed)
+    emb_rf = rf_baseline(embedding_features(x_tr, emb_cols), y_tr, embedding_features(x_va, emb_cols), y_va,
+                         metric, emb_fcfg)
+    plots = [
+        plot_importance(importance[:25], tmp / "rf_importance.png", "Permutation importance (valid RMSPE increase)"),
+        plot_adversarial(adv, tmp / "adversarial_validation.png"),
+        plot_confidence(conf_bins, tmp / "rf_confidence.png"),
+    ]
+    return {
+        "metrics": {"rf_valid_rmspe": base.valid_score, "rf_oob_r2": base.oob_r2,
+                    "adversarial_auc": adv.auc, "rf_embeddings_valid_rmspe": emb_rf.valid_score,
+                    "rf_train_seconds": base.train_seconds},
+        "report": {"baseline": base.to_dict(), "adversarial": _asdict(adv), "importance": importance[:40],
+                   "confidence_bins": conf_bins, "embedding_forest": emb_rf.to_dict(),
+                   "embedding_columns": sorted(emb_cols)},
+        "plots": plots,
+        "valid_pred": base.valid_pred,
+    }
+
+
+def _asdict(obj: Any) -> Any:
+    return obj.to_dict() if hasattr(obj, "to_dict") else asdict(obj)
+
+
+def _log_rmspe(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    return rmspe(np.exp(y_true), np.exp(y_pred))
+
+
+def train_rossmann(cfg: RossmannConfig) -> dict[str, Any]:
+    cfg.validate()
+    t_start = time.perf_counter()
+    data = prepare(cfg)
+    fingerprint = tracking.file_fingerprint(data.files)
+    tags = {"tabrec.pipeline": "rossmann", "data_fingerprint": fingerprint}
+    if commit := tracking.git_commit():
+        tags["git_commit"] = commit
+    with tracking.tracked_run(cfg.experiment, run_name="rossmann-tabular", tags=tags) as run, \
+            tempfile.TemporaryDirectory(prefix="tabrec-rossmann-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        tracking.log_params({**asdict(cfg), "n_train": len(data.train), "n_valid": len(data.valid),
+                             "cat_columns": data.cats, "cont_columns": data.conts,
+                             "external": cfg.external_dir is not None})
+        plots: list[Path | None] = []
+        if cfg.lr == "auto":
+            finder = find_lr(cfg, data)
+            lr = float(finder.suggestion)
+            plots.append(finder.plot(tmp / "lr_finder.png"))
+            tracking.log_metrics({"lr_suggested": lr})
+        else:
+            lr = float(cfg.lr)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, data)
+        trainer = Trainer(model, metrics={"rmspe": _rmspe_metric}, lr=lr, wd=cfg.wd, batch_size=cfg.batch_size,
+                          seed=cfg.seed, quiet=cfg.quiet,
+                          callbacks=[tracking.MLflowEpochLogger(),
+                                     EarlyStopping(monitor="rmspe", mode="min", patience=max(2, cfg.epochs))])
+        t_fit = time.perf_counter()
+        history = trainer.fit(data.train, data.valid, epochs=cfg.epochs)
+        train_seconds = time.perf_counter() - t_fit
+        pred = trainer.predict(data.valid.xs).numpy()
+        y_va = data.valid.y.numpy()
+        metrics: dict[str, Any] = {"valid_rmspe": _log_rmspe(y_va, pred), "train_seconds": train_seconds,
+                                   "seconds_per_epoch": train_seconds / max(1, len(history)), "lr": lr}
+        checks = run_forest_checks(cfg, data, model, tmp)
+        metrics.update(checks["metrics"])
+        tracking.log_metrics(metrics)
+        tracking.log_json(checks["report"], "checks/forest.json")
+        plots += checks["plots"]
+        plots.append(reports.learning_curves(history, tmp / "learning_curves.png", metric="rmspe"))
+        plots.append(reports.predicted_vs_actual(np.exp(y_va), np.exp(pred), tmp / "pred_vs_actual.png",
+                                                 "valid Sales"))
+        plots += _embedding_maps(model, data, tmp)
+        for p in plots:
+            tracking.log_plot(p)
+
+        meta = {
+            "inputs": input_schema().to_dict(),
+            "processor": data.processor.to_dict(),
+            "target": {"name": "Sales", "transform": "log"},
+            "zero_when": [{"column": "Open", "equals": 0}],
+            "key_columns": ["Id"],
+            "y_range": list(model.config()["y_range"]),
+            "metrics": {k: float(v) for k, v in metrics.items()},
+            "data_fingerprint": fingerprint, "training": asdict(cfg), "run_id": run.info.run_id,
+        }
+        bundle_dir = save_bundle(tmp / "bundle", kind="tabular", model=model, meta=meta, features=data.pipeline,
+                                 extra_tensors=drift_sample(data.train, cfg.seed))
+        example = data.raw_valid.head(5).copy()
+        example["Date"] = example["Date"].dt.strftime("%Y-%m-%d")
+        model_uri, logged_uri = tracking.log_bundle(bundle_dir, example, np.exp(pred[:5]).astype(np.float64))
+        run_id = run.info.run_id
+    registered = None
+    if cfg.register:
+        registered = tracking.register_and_promote(logged_uri, cfg.register, "valid_rmspe",
+                                                   float(metrics["valid_rmspe"]), force=cfg.force)
+    return {
+        "run_id": run_id, "model_uri": model_uri, "registered": registered,
+        "train_seconds": round(train_seconds, 3), "total_seconds": round(time.perf_counter() - t_start, 3),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+    }
+
+
+def drift_sample(train: TensorData, seed: int, n: int = 5000) -> dict[str, torch.Tensor]:
+    """A seeded sample of processed training features, kept in the bundle for batch drift checks."""
+    rng = np.random.default_rng(seed)
+    idx = torch.from_numpy(np.sort(rng.choice(len(train), size=min(n, len(train)), replace=False)))
+    return {"drift_x_cat": train.xs[0][idx], "drift_x_cont": train.xs[1][idx]}
+
+
+def _embedding_maps(model: TabularModel, data: PreparedData, tmp: Path) -> list[Path]:
+    out = []
+    names = data.processor.cat_names_out
+    for col in ("Store", "State"):
+        if col not in names:
+            continue
+        j = names.index(col)
+        emb = model.embeds[j].weight.detach().numpy()[1:]
+        labels = data.processor.vocab[col]
+        out.append(reports.embedding_map(emb, labels, tmp / f"embedding_{col.lower()}.png",
+                                         f"{col} embeddings (PCA)", annotate=40))
+    return out

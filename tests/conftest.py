@@ -1,0 +1,71 @@
+"""Shared fixtures: a temporary working directory with its own MLflow sqlite store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A real sqlite-backed MLflow store in a temp dir, set as the tracking URI."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    if mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Both demo models trained once per session on small synthetic data, registered with
+    alias `champion` in a real sqlite MLflow store. Returns paths, URIs and training results."""
+    import mlflow
+
+    from pipelines.synth import write_ratings, write_rossmann
+    from pipelines.train_ratings import RatingsConfig, train_ratings
+    from pipelines.train_rossmann import RossmannConfig, train_rossmann
+
+    root = tmp_path_factory.mktemp("model_store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    old_env, old_cwd = os.environ.get("MLFLOW_TRACKING_URI"), Path.cwd()
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    os.chdir(root)
+    try:
+        ross = write_rossmann(root / "rossmann", stores=12, days=300, seed=0)
+        rat = write_ratings(root / "ratings", users=200, items=300, ratings=10_000, seed=0)
+        r1 = train_rossmann(RossmannConfig(train=str(ross["train.csv"]), store=str(ross["store.csv"]),
+                                           epochs=2, lr="3e-3", register="rossmann", quiet=True,
+                                           forest_rows=5_000, forest_trees=10))
+        r2 = train_ratings(RatingsConfig(ratings=str(rat["u.data"]), items=str(rat["movies.csv"]),
+                                         epochs=3, lr="1e-2", batch_size=256, register="ratings", quiet=True))
+    finally:
+        os.chdir(old_cwd)
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
+    return {"tracking_uri": uri, "root": root, "rossmann_data": ross, "ratings_data": rat,
+            "rossmann": r1, "ratings": r2}
+
+
+@pytest.fixture
+def use_model_store(model_store: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Point MLflow (env and client) at the session's model store for one test."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", model_store["tracking_uri"])
+    mlflow.set_tracking_uri(model_store["tracking_uri"])
+    return model_store
