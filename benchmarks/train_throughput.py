@@ -131,15 +131,20 @@ def compare(
     name: str, model: nn.Module, data: TensorData, batch_size: int, repeats: int
 ) -> dict[str, object]:
     """Median epoch seconds per runner; the run order rotates each round, all start from the same
-    weights. Paired ratios compare runs of the same round (similar machine load)."""
+    weights. Paired ratios compare runs of the same round (similar machine load); process CPU seconds
+    are less sensitive than wall time to other processes sharing the cores."""
     warm = data.subset(slice(0, 16 * batch_size))
     for run in RUNNERS.values():  # warm-up on 16 batches: allocator, thread pool, lazy init
         run(copy.deepcopy(model), warm, batch_size, 0)
     kinds = list(RUNNERS)
     times: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu: dict[str, list[float]] = {k: [] for k in kinds}
     for r in range(repeats):
         for kind in kinds[r % 3 :] + kinds[: r % 3]:
-            times[kind].append(RUNNERS[kind](copy.deepcopy(model), data, batch_size, r))
+            fresh = copy.deepcopy(model)
+            c0 = time.process_time()
+            times[kind].append(RUNNERS[kind](fresh, data, batch_size, r))
+            cpu[kind].append(time.process_time() - c0)
         log(
             f"{name} bs={batch_size} round {r + 1}/{repeats}: "
             + " ".join(f"{k} {times[k][-1]:.2f}s" for k in kinds)
@@ -158,9 +163,11 @@ def compare(
         "ratio_paired_median": round(statistics.median(paired), 3),
         "ratio_vs_plain_fused": round(med["engine"] / med["plain_fused"], 3),
         "ratio_vs_plain_fused_paired_median": round(statistics.median(paired_fused), 3),
+        "cpu_ratio": round(statistics.median(cpu["engine"]) / statistics.median(cpu["plain"]), 3),
         "engine_rows_per_s": round(len(data) / med["engine"]),
         "plain_rows_per_s": round(len(data) / med["plain"]),
         "runs_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
+        "cpu_runs_s": {k: [round(t, 3) for t in v] for k, v in cpu.items()},
     }
 
 

@@ -120,8 +120,8 @@ def train_ratings_cmd(
     model: Annotated[str, typer.Option(help="dot (DotProductBias) or nn (EmbeddingNN)")] = "dot",
     factors: Annotated[int, typer.Option(min=1)] = 50,
     epochs: Annotated[int, typer.Option(min=1)] = 5,
-    lr: Annotated[str, typer.Option(help="'auto' (lr finder) or a number")] = "auto",
-    wd: Annotated[float, typer.Option(help="AdamW decoupled weight decay")] = 0.1,
+    lr: Annotated[str, typer.Option(help="'auto' (lr finder) or a number; default tuned once on ML-100k")] = "1e-2",
+    wd: Annotated[float, typer.Option(help="AdamW decoupled weight decay")] = 0.3,
     batch_size: Annotated[int, typer.Option(min=1)] = 1024,
     seed: SeedOpt = 0,
     experiment: Annotated[str, typer.Option()] = "ratings",
@@ -209,7 +209,7 @@ def lr_find_ratings(
     format: Annotated[str, typer.Option()] = "auto",
     model: Annotated[str, typer.Option()] = "dot",
     factors: Annotated[int, typer.Option(min=1)] = 50,
-    wd: Annotated[float, typer.Option()] = 0.1,
+    wd: Annotated[float, typer.Option()] = 0.3,
     batch_size: Annotated[int, typer.Option(min=1)] = 1024,
     seed: SeedOpt = 0,
     plot: Annotated[Path | None, typer.Option(help="Write the loss-vs-lr plot here (PNG).")] = None,
@@ -241,13 +241,24 @@ def score_cmd(
     model: Annotated[str, typer.Option(help="Bundle dir, runs:/<id>/model, models:/<name>/<version> or @alias.")],
     input: Annotated[str, typer.Option(help="Parquet/CSV file or a directory of them.")],
     output: Annotated[str, typer.Option(help="Output Parquet file.")],
+    uncertainty: Annotated[bool, typer.Option(help="Add a per-row `spread` column (tree variance).")] = False,
+    max_drift_auc: Annotated[float, typer.Option(min=0.0, max=1.0,
+                                                 help="Warn (or fail) when the drift check's AUC exceeds this.")] = 0.8,
+    fail_on_drift: Annotated[bool, typer.Option(help="Exit 2 before writing when drift exceeds --max-drift-auc.")] = False,
+    drift_rows: Annotated[int, typer.Option(min=0, help="Batch rows sampled for the drift check (0: off).")] = 5000,
+    batch_rows: Annotated[int, typer.Option(min=1, help="Rows per scoring chunk (bounds memory).")] = 100_000,
+    submission_csv: Annotated[str | None, typer.Option(help="Also write a Kaggle submission CSV (Id,Sales).")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment of the batch run.")] = "batch",
+    track: Annotated[bool, typer.Option("--track/--no-track", help="Record the batch run in MLflow.")] = True,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Score a file with a tabular or ratings model (keys + prediction, Parquet)."""
     from pipelines.score import score_file
 
-    _run(lambda: score_file(model, input, output, quiet=quiet), as_json, quiet)
+    _run(lambda: score_file(model, input, output, quiet=quiet, uncertainty=uncertainty, max_drift_auc=max_drift_auc,
+                            fail_on_drift=fail_on_drift, drift_rows=drift_rows, batch_rows=batch_rows,
+                            submission_csv=submission_csv, experiment=experiment, track=track), as_json, quiet)
 
 
 @app.command("recommend")
@@ -256,13 +267,18 @@ def recommend_cmd(
     output: Annotated[str, typer.Option(help="Output Parquet file (user, rank, item, score).")],
     users: Annotated[str | None, typer.Option(help="File of user ids (one column); default all users.")] = None,
     k: Annotated[int, typer.Option(min=1)] = 10,
+    include_seen: Annotated[bool, typer.Option(help="Do not exclude items the user already rated.")] = False,
+    batch_rows: Annotated[int, typer.Option(min=1, help="Output rows per chunk (bounds memory).")] = 100_000,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment of the batch run.")] = "batch",
+    track: Annotated[bool, typer.Option("--track/--no-track", help="Record the batch run in MLflow.")] = True,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Top-k recommendations for all or listed users, seen items excluded."""
     from pipelines.score import recommend_file
 
-    _run(lambda: recommend_file(model, output, users=users, k=k, quiet=quiet), as_json, quiet)
+    _run(lambda: recommend_file(model, output, users=users, k=k, quiet=quiet, exclude_seen=not include_seen,
+                                batch_rows=batch_rows, experiment=experiment, track=track), as_json, quiet)
 
 
 # ---------------------------------------------------------------- serve

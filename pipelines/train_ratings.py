@@ -50,8 +50,8 @@ class RatingsConfig:
     layers: tuple[int, ...] = (100,)
     dropout: float = 0.1
     epochs: int = 5
-    lr: str = "auto"
-    wd: float = 0.1
+    lr: str = "1e-2"
+    wd: float = 0.3
     batch_size: int = 1024
     seed: int = 0
     experiment: str = "ratings"
@@ -274,6 +274,8 @@ def train_ratings(cfg: RatingsConfig) -> dict[str, Any]:
         trainer = Trainer(model, metrics={"rmse": rmse, "mae": mae}, lr=lr, wd=cfg.wd,
                           batch_size=cfg.batch_size, seed=cfg.seed, quiet=cfg.quiet,
                           callbacks=[tracking.MLflowEpochLogger()])
+        log.info("training %s on %d ratings (%d users, %d items), lr %.3g, %d epochs", type(model).__name__,
+                 len(train_df), n_users - 1, n_items - 1, lr, cfg.epochs)
         t_fit = time.perf_counter()
         history = trainer.fit(train, valid, epochs=cfg.epochs)
         train_seconds = time.perf_counter() - t_fit
@@ -289,6 +291,8 @@ def train_ratings(cfg: RatingsConfig) -> dict[str, Any]:
         relevant_min = scale[0] + 0.75 * (scale[1] - scale[0])  # 4 stars on a 1–5 scale
         metrics.update(ranking_metrics(model, tu, ti, vu, vi, vr, n_users, n_items, relevant_min))
 
+        log.info("valid RMSE %.4f (bias baseline %.4f); forest checks", metrics["valid_rmse"],
+                 metrics["baseline_rmse"])
         fcfg = ForestConfig(seed=cfg.seed, n_estimators=30, max_rows=100_000)
         f_train = activity_features(tu, ti, train_df["timestamp"].to_numpy(), tu, ti, tr, n_users, n_items)
         f_valid = activity_features(vu, vi, valid_df["timestamp"].to_numpy(), tu, ti, tr, n_users, n_items)

@@ -108,12 +108,14 @@ class PreparedData:
 
 
 def prepare(cfg: RossmannConfig) -> PreparedData:
+    log.info("reading %s and %s", cfg.train, cfg.store)
     train_raw = read_train(cfg.train)
     store = read_store(cfg.store)
     check_stores(train_raw, store, cfg.train)
     external = read_external(cfg.external_dir) if cfg.external_dir else None
     if external is not None and external.empty:
         raise DataError(f"--external-dir {cfg.external_dir}: no external tables found there")
+    log.info("engineering features for %d rows%s", len(train_raw), " with external tables" if external else "")
     pipeline = build_feature_pipeline(store, external)
     feats = pipeline.fit_transform(train_raw)
     rows = training_rows(feats)
@@ -128,6 +130,8 @@ def prepare(cfg: RossmannConfig) -> PreparedData:
     valid = _tensors(proc, va_rows)
     raw_valid = va_rows[[c for c in RAW_COLUMNS if c in va_rows.columns]].reset_index(drop=True)
     files = [cfg.train, cfg.store]
+    log.info("training rows %d, validation rows %d (last %d days), %d categorical + %d continuous inputs",
+             len(train), len(valid), cfg.valid_days, len(proc.cat_names_out), len(proc.cont_names))
     return PreparedData(proc, pipeline, tr_rows, va_rows, train, valid, cats, conts, raw_valid, files)
 
 
@@ -221,14 +225,18 @@ def train_rossmann(cfg: RossmannConfig) -> dict[str, Any]:
                              "external": cfg.external_dir is not None})
         plots: list[Path | None] = []
         if cfg.lr == "auto":
+            log.info("running the lr finder")
             finder = find_lr(cfg, data)
             lr = float(finder.suggestion)
             plots.append(finder.plot(tmp / "lr_finder.png"))
             tracking.log_metrics({"lr_suggested": lr})
+            log.info("lr finder suggests %.3g (%s)", lr, finder.method)
         else:
             lr = float(cfg.lr)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, data)
+        log.info("training %s for %d epochs, lr %.3g, batch %d", type(model).__name__, cfg.epochs, lr,
+                 cfg.batch_size)
         trainer = Trainer(model, metrics={"rmspe": _rmspe_metric}, lr=lr, wd=cfg.wd, batch_size=cfg.batch_size,
                           seed=cfg.seed, quiet=cfg.quiet,
                           callbacks=[tracking.MLflowEpochLogger(),
@@ -240,6 +248,7 @@ def train_rossmann(cfg: RossmannConfig) -> dict[str, Any]:
         y_va = data.valid.y.numpy()
         metrics: dict[str, Any] = {"valid_rmspe": _log_rmspe(y_va, pred), "train_seconds": train_seconds,
                                    "seconds_per_epoch": train_seconds / max(1, len(history)), "lr": lr}
+        log.info("valid RMSPE %.4f after %.0f s; running forest checks", metrics["valid_rmspe"], train_seconds)
         checks = run_forest_checks(cfg, data, model, tmp)
         metrics.update(checks["metrics"])
         tracking.log_metrics(metrics)
@@ -262,10 +271,13 @@ def train_rossmann(cfg: RossmannConfig) -> dict[str, Any]:
             "metrics": {k: float(v) for k, v in metrics.items()},
             "data_fingerprint": fingerprint, "training": asdict(cfg), "run_id": run.info.run_id,
         }
+        log.info("forest baseline RMSPE %.4f, adversarial AUC %.3f; logging the model",
+                 metrics["rf_valid_rmspe"], metrics["adversarial_auc"])
         bundle_dir = save_bundle(tmp / "bundle", kind="tabular", model=model, meta=meta, features=data.pipeline,
                                  extra_tensors=drift_sample(data.train, cfg.seed))
         example = data.raw_valid.head(5).copy()
         example["Date"] = example["Date"].dt.strftime("%Y-%m-%d")
+        example["Open"] = example["Open"].astype("float64")  # test.csv has missing Open values
         model_uri, logged_uri = tracking.log_bundle(bundle_dir, example, np.exp(pred[:5]).astype(np.float64))
         run_id = run.info.run_id
     registered = None

@@ -131,8 +131,25 @@ def test_make_optimizer_discriminative_lrs_and_no_decay_for_bias_and_bn():
         assert by_param[id(p)]["weight_decay"] == 0.1
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
     assert isinstance(opt, torch.optim.AdamW)
+    assert opt.defaults["fused"]  # all float params on cpu -> the fused kernel
     with pytest.raises(ValueError, match="2 lrs"):
         make_optimizer(model, [1e-3, 1e-2])
+
+
+def test_make_optimizer_merges_groups_that_share_lr_and_wd():
+    model = new_model()
+    opt = make_optimizer(model, 1e-3, wd=0.1, fused=False)
+    assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.1]
+    assert all(g["lr"] == 1e-3 for g in opt.param_groups)
+    assert not opt.defaults["fused"]
+    # Same optimizer either way: one fused step equals one unfused step.
+    twin = new_model()
+    for m, fused in ((model, False), (twin, True)):
+        o = make_optimizer(m, 1e-2, wd=0.1, fused=fused)
+        m(torch.zeros(4, dtype=torch.long), torch.ones(4, N_CONT)).sum().backward()
+        o.step()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, twin.state_dict()[k])
 
 
 def test_freeze_stops_grads_and_unfreeze_restores():

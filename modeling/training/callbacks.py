@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from collections.abc import Iterator
@@ -133,10 +134,12 @@ class EarlyStopping(Callback):
 
 
 class ProgressBar(Callback):
-    """tqdm bar over all training steps on stderr; silent when quiet or stderr is not a TTY."""
+    """tqdm bar over all training steps on stderr when it is a TTY; otherwise (unless quiet)
+    one log line per epoch, so long runs in CI or cron still show progress."""
 
     def __init__(self, quiet: bool = False, update_every: int = 20) -> None:
         self.enabled = not quiet and sys.stderr.isatty()
+        self.log_epochs = not quiet and not self.enabled
         self.batch_end_every = max(1, update_every)
         self._bar: Any = None
 
@@ -161,6 +164,13 @@ class ProgressBar(Callback):
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()
             )
             self._bar.write(parts, file=sys.stderr)
+        elif self.log_epochs:
+            parts = " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()
+            )
+            logging.getLogger("tabrec.train").info(
+                "epoch %s/%s %s", epoch + 1, trainer.epochs, parts
+            )
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if self._bar is not None:

@@ -98,6 +98,7 @@ class Trainer:
         self.schedule: Schedule | None = None
         self.stop_training = False
         self.total_steps = 0
+        self.epochs = 0
         self.step = 0
 
     # ------------------------------------------------------------------ helpers
@@ -134,6 +135,7 @@ class Trainer:
         drop_last = n > bs and n % bs == 1
         steps_per_epoch = n // bs if drop_last else math.ceil(n / bs)
         self.total_steps = steps_per_epoch * epochs
+        self.epochs = epochs
         self.opt = make_optimizer(self.model, self.lr, wd=self.wd, betas=self.betas)
         lr_max = resolve_lrs(self.lr, len(model_groups(self.model)))
         self.schedule = make_schedule(
@@ -184,7 +186,7 @@ class Trainer:
                 nn.utils.clip_grad_norm_(params, self.grad_clip)
             opt.step()
             n_b = idx.shape[0]
-            loss_sum += loss.detach() * n_b
+            loss_sum.add_(loss.detach(), alpha=n_b)
             rows += n_b
             for cb in batch_cbs:
                 if (self.step + 1) % cb.batch_end_every == 0:
