@@ -23,7 +23,7 @@ RUN pip install . && rm -rf /src
 # Unprivileged runtime user; /data is the working directory for a mounted MLflow store or bundles.
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin tabrec \
     && mkdir -p /data && chown tabrec:tabrec /data
-USER tabrec
+USER 10001:10001
 WORKDIR /data
 
 EXPOSE 8000

@@ -24,8 +24,14 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Slower end-to-end tests (real MLflow runs, subprocess servers); CI runs these after `make test`.
-test-slow: $(STAMP)
+# The optional `spark` extra (pyspark, ~450 MB) that tests/test_spark.py needs; Spark also needs Java 17+.
+SPARK_STAMP := $(VENV)/.installed-spark
+$(SPARK_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev,spark]'
+	@touch $(SPARK_STAMP)
+
+# Slower end-to-end tests (real MLflow runs, subprocess servers, Spark); CI runs these after `make test`.
+test-slow: $(SPARK_STAMP)
 	$(BIN)/python -m pytest -q -m slow; rc=$$?; if [ $$rc -eq 5 ]; then echo "no slow tests"; exit 0; fi; exit $$rc
 
 test-all: test test-slow

@@ -2,7 +2,8 @@
 
 Layout: ``bundle.json`` (kind, format version, model class + config, processor state, input
 schema, target transform, metrics, fingerprint, ...), ``weights.safetensors`` (model
-``state_dict`` under ``model.*`` plus extra arrays under ``extra.*``) and, for tabular
+``state_dict`` under ``model.*`` plus extra arrays under ``extra.*``: the drift check's training
+sample, a tabular model's spread forest as plain node arrays, ratings' seen-items CSR) and, for tabular
 bundles, ``features/`` (the fitted feature pipeline as JSON + Parquet tables). No pickle.
 """
 
@@ -16,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -46,7 +48,7 @@ def save_bundle(
     kind: str,
     model: nn.Module,
     meta: Mapping[str, Any],
-    extra_tensors: Mapping[str, torch.Tensor] | None = None,
+    extra_tensors: Mapping[str, torch.Tensor | np.ndarray] | None = None,
     features: Any | None = None,
 ) -> Path:
     """Write a bundle atomically: built in a sibling temp dir, then renamed into place."""
@@ -65,7 +67,8 @@ def save_bundle(
         (tmp / BUNDLE_JSON).write_text(json.dumps(doc, indent=1, default=_json_default))
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         for k, v in (extra_tensors or {}).items():
-            tensors[f"extra.{k}"] = v.detach().cpu().contiguous()
+            t = v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
+            tensors[f"extra.{k}"] = t.detach().cpu().contiguous()
         save_file(tensors, str(tmp / WEIGHTS))
         if features is not None:
             features.save(tmp / FEATURES_DIR)

@@ -1,5 +1,6 @@
 """Random-forest validation checks run beside every training: a baseline, adversarial validation,
-permutation importance, per-row tree spread, and embeddings-as-features.
+permutation importance, per-row tree spread, and embeddings-as-features; plus the small "spread
+forest" a bundle carries (as plain arrays, `modeling.forest_arrays`) for per-row uncertainty.
 
 Generic: inputs are numeric DataFrames (categoricals already integer codes) and numpy targets.
 Forests train on a seeded row sample (`max_rows`) so they stay cheap on big training sets.
@@ -22,6 +23,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
 from modeling.errors import DataError
+from modeling.forest_arrays import ForestArrays
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
 
@@ -38,6 +40,7 @@ class ForestConfig:
     max_rows: int = 200_000
     seed: int = 0
     n_jobs: int = -1
+    max_leaf_nodes: int | None = None  # caps each tree at 2 * max_leaf_nodes - 1 nodes
 
     def __post_init__(self) -> None:
         if self.n_estimators < 1:
@@ -52,6 +55,8 @@ class ForestConfig:
             )
         if self.max_rows < 2:
             raise ValueError(f"ForestConfig.max_rows must be >= 2, got {self.max_rows}")
+        if self.max_leaf_nodes is not None and self.max_leaf_nodes < 2:
+            raise ValueError(f"ForestConfig.max_leaf_nodes must be >= 2, got {self.max_leaf_nodes}")
 
 
 @dataclass
@@ -132,9 +137,10 @@ def _sample_index(n: int, max_rows: int, rng: np.random.Generator) -> np.ndarray
 
 
 def fit_forest_regressor(
-    X: pd.DataFrame, y: np.ndarray, cfg: ForestConfig
+    X: pd.DataFrame, y: np.ndarray, cfg: ForestConfig, oob: bool = True
 ) -> RandomForestRegressor:
-    """Fit a bootstrapped forest with OOB scoring on at most `cfg.max_rows` sampled rows."""
+    """Fit a bootstrapped forest (with OOB scoring unless `oob=False`) on at most `cfg.max_rows`
+    sampled rows."""
     X = _check_frame(X, "X")
     y = _check_target(y, len(X), "y")
     idx = _sample_index(len(X), cfg.max_rows, np.random.default_rng(cfg.seed))
@@ -142,8 +148,9 @@ def fit_forest_regressor(
         n_estimators=cfg.n_estimators,
         min_samples_leaf=cfg.min_samples_leaf,
         max_features=cfg.max_features,
+        max_leaf_nodes=cfg.max_leaf_nodes,
         bootstrap=True,
-        oob_score=True,
+        oob_score=oob,
         n_jobs=cfg.n_jobs,
         random_state=cfg.seed,
     )
@@ -325,6 +332,50 @@ def error_by_confidence(
         }
         for b in range(n_bins)
     ]
+
+
+# --------------------------------------------------------------------------- spread forest
+
+
+@dataclass
+class SpreadForest:
+    """A node-capped forest exported as plain arrays for a bundle: the per-row spread at predict
+    time is the std of its trees' predictions (`ForestArrays.spread`)."""
+
+    arrays: ForestArrays
+    columns: list[str]
+    train_seconds: float
+    n_train_rows: int
+    config: ForestConfig
+
+    def info(self) -> dict[str, Any]:
+        """JSON-ready description (what a bundle stores next to the arrays)."""
+        return {
+            "method": "forest_tree_std",
+            "features": list(self.columns),
+            "n_trees": self.arrays.n_trees,
+            "n_nodes": self.arrays.n_nodes,
+            "bytes": self.arrays.nbytes,
+            "max_depth": int(self.arrays.depths().max()),
+            "max_leaf_nodes": self.config.max_leaf_nodes,
+            "min_samples_leaf": self.config.min_samples_leaf,
+            "max_features": self.config.max_features,
+            "n_train_rows": int(self.n_train_rows),
+            "train_seconds": float(self.train_seconds),
+        }
+
+
+def fit_spread_forest(X: pd.DataFrame, y: np.ndarray, cfg: ForestConfig) -> SpreadForest:
+    """Fit a forest on at most `cfg.max_rows` rows (no OOB pass) and export its trees as arrays.
+
+    Set `cfg.max_leaf_nodes` to bound the bundle: at most n_estimators * (2 * max_leaf_nodes - 1)
+    nodes of 29 bytes each (20 trees x 1024 leaves: 1.2 MB).
+    """
+    start = time.perf_counter()
+    model = fit_forest_regressor(X, y, cfg, oob=False)
+    seconds = time.perf_counter() - start
+    return SpreadForest(ForestArrays.from_sklearn(model), [str(c) for c in X.columns], seconds,
+                        min(len(X), cfg.max_rows), cfg)
 
 
 # --------------------------------------------------------------------------- embeddings

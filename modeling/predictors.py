@@ -80,6 +80,8 @@ class TabularPredictor(Predictor):
         self.target_transform: str = target.get("transform", "identity")
         self.zero_when: list[dict[str, Any]] = self.doc.get("zero_when", [])
         self.key_columns: list[str] = self.doc.get("key_columns", [])
+        self.uncertainty: dict[str, Any] = dict(self.doc.get("uncertainty") or {})
+        self._forest: Any = None  # ForestArrays, built on the first predict_with_spread
 
     def engineer(self, df: pd.DataFrame, source: str = "request") -> pd.DataFrame:
         """Validate raw rows and compute the engineered features exactly as in training."""
@@ -87,18 +89,60 @@ class TabularPredictor(Predictor):
         return self.features.transform(clean) if self.features is not None else clean
 
     def predict(self, df: pd.DataFrame, source: str = "request") -> np.ndarray:
+        return self._predict(df, source, None)[0]
+
+    @property
+    def has_spread(self) -> bool:
+        """Whether the bundle carries a forest for per-row spread (bundles before it do not)."""
+        from modeling.forest_arrays import FIELDS
+
+        return bool(self.uncertainty) and all(f"forest_{k}" in self.raw.extra for k in FIELDS)
+
+    def forest(self) -> Any:
+        """The bundle's spread forest (`modeling.forest_arrays.ForestArrays`), loaded once."""
+        if self._forest is None:
+            if not self.has_spread:
+                raise DataError(f"model {self.source.uri}: the bundle carries no forest for a per-row spread "
+                                "(trained before uncertainty support, or with spread_trees=0); retrain it")
+            from modeling.forest_arrays import ForestArrays
+
+            columns = [*self.processor.cat_names_out, *self.processor.cont_names]
+            if self.uncertainty.get("features", columns) != columns:
+                raise DataError(f"model {self.source.uri}: the bundle's forest was fitted on columns "
+                                f"{self.uncertainty.get('features')}, the processor gives {columns}")
+            self._forest = ForestArrays.from_arrays(self.raw.extra, n_features=len(columns))
+        return self._forest
+
+    def predict_with_spread(self, df: pd.DataFrame, source: str = "request") -> tuple[np.ndarray, np.ndarray]:
+        """(prediction, spread): spread = std of the bundle forest's trees' predictions on the target's
+        model scale (log(Sales) for a log target), 0 where a zero_when rule answers (closed stores).
+        DataError when the bundle has no forest."""
+        pred, spread = self._predict(df, source, self.forest())
+        assert spread is not None
+        return pred, spread
+
+    def _predict(self, df: pd.DataFrame, source: str, forest: Any) -> tuple[np.ndarray, np.ndarray | None]:
         if len(df) == 0:
-            return np.empty(0, dtype=np.float64)
+            return np.empty(0, dtype=np.float64), (None if forest is None else np.empty(0, dtype=np.float64))
         feats = self.engineer(df, source)
         x_cat, x_cont = self.processor.transform(feats)
         raw = _forward_chunks(self.model, (x_cat, x_cont)).astype(np.float64)
         pred = np.exp(raw) if self.target_transform == "log" else raw
+        fixed = np.zeros(len(pred), dtype=bool)
         for rule in self.zero_when:
             col = rule["column"]
             if col in feats.columns:
                 values = pd.to_numeric(feats[col], errors="coerce").to_numpy()
-                pred[values == rule["equals"]] = 0.0
-        return pred
+                fixed |= values == rule["equals"]
+        pred[fixed] = 0.0
+        if forest is None:
+            return pred, None
+        spread = np.zeros(len(pred), dtype=np.float64)
+        scored = np.flatnonzero(~fixed)
+        if len(scored):
+            x = np.concatenate([x_cat[scored].astype(np.float32), x_cont[scored].astype(np.float32)], axis=1)
+            spread[scored] = forest.predict_trees(x).std(axis=0)
+        return pred, spread
 
 
 class RatingsPredictor(Predictor):

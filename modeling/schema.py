@@ -64,39 +64,76 @@ class InputSchema:
         return cls([InputField(**d) for d in items])
 
     def validate(self, df: pd.DataFrame, source: str = "request", max_per_field: int = 5) -> pd.DataFrame:
-        """Coerce each declared column to its type; raise RecordsError naming bad records."""
-        out = df.copy()
+        """Coerce each declared column to its type; raise RecordsError naming bad records.
+
+        Columns already of the declared type (int64 ints, datetime64 dates) pass through
+        unchanged, so validating a typed frame costs next to nothing."""
         errors: list[RecordError] = []
-        positions = np.arange(len(df))
+        coerced_cols: dict[str, pd.Series] = {}
         for f in self.fields:
-            if f.name not in out.columns:
+            if f.name not in df.columns:
                 if f.required:
                     errors.append(RecordError(0 if len(df) else -1, f.name, "field required"))
                 continue
-            col = out[f.name]
+            col = df[f.name]
             coerced, bad = _coerce(col, f.type)
-            missing = coerced.isna().to_numpy()
+            missing = _missing(coerced)
             if f.required:
                 bad = bad | missing
             if f.allowed is not None:
-                as_str = coerced.astype("string")
+                as_str = coerced if coerced.dtype == object else coerced.astype("string")
                 not_allowed = ~as_str.isin(f.allowed).to_numpy() & ~missing
                 bad = bad | not_allowed
             if bad.any():
-                for i in positions[bad][:max_per_field]:
-                    value = col.iloc[i]
-                    if f.required and pd.isna(value):
-                        msg = "field required"
-                    elif f.allowed is not None and not _scalar_bad(value, f.type):
-                        msg = f"value {value!r} not in {f.allowed}"
-                    else:
-                        msg = f"value {value!r} is not a valid {f.type}"
-                    errors.append(RecordError(int(i), f.name, msg))
-            out[f.name] = coerced
+                for i in np.flatnonzero(bad)[:max_per_field]:
+                    errors.append(RecordError(int(i), f.name, _message(col.iloc[i], f)))
+            if coerced is not col:  # typed columns pass through untouched
+                coerced_cols[f.name] = coerced
         if errors:
             errors.sort(key=lambda e: (e.record, e.field))
             raise RecordsError(errors, source)
+        out = df.copy()
+        for name, coerced in coerced_cols.items():
+            out[name] = coerced
         return out
+
+
+def _missing(col: pd.Series) -> np.ndarray:
+    if isinstance(col.dtype, np.dtype) and col.dtype.kind in "iub":
+        return np.zeros(len(col), dtype=bool)  # numpy ints and bools cannot be missing
+    return col.isna().to_numpy()
+
+
+def _message(value: Any, f: InputField) -> str:
+    """Why one value of field `f` was rejected."""
+    if f.required and _is_missing(value):
+        return "field required"
+    if f.type == "int" and _out_of_int64(value):
+        return f"integer {_short(value)} out of range (int64)"
+    if f.allowed is not None and not _scalar_bad(value, f.type):
+        return f"value {_short(value)} not in {f.allowed}"
+    return f"value {_short(value)} is not a valid {f.type}"
+
+
+def _is_missing(value: Any) -> bool:
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # list-like cells
+        return False
+
+
+def _out_of_int64(value: Any) -> bool:
+    num = pd.to_numeric(pd.Series([value], dtype=object), errors="coerce",
+                        dtype_backend="numpy_nullable")
+    if num.isna().iloc[0]:
+        return False
+    v = num.iloc[0]
+    return bool(np.isfinite(float(v))) and not (INT64_MIN <= v <= INT64_MAX)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value.item() if isinstance(value, np.generic) else value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _scalar_bad(value: Any, type_: str) -> bool:
@@ -104,25 +141,29 @@ def _scalar_bad(value: Any, type_: str) -> bool:
     return bool(bad[0])
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_TWO_63 = 2.0**63
+_BOOL_WORDS = {"true": 1, "false": 0}
+
+
 def _coerce(col: pd.Series, type_: str) -> tuple[pd.Series, np.ndarray]:
-    """Return the coerced column and a mask of values that were present but unparseable."""
-    present = col.notna().to_numpy()
-    if type_ in ("int", "float", "bool"):
+    """Return the coerced column and a mask of values that were present but unusable
+    (unparseable, fractional or out-of-int64-range for ints, not 0/1 for bools)."""
+    if type_ == "int":
+        return _coerce_int(col)
+    if type_ in ("float", "bool"):
+        present = col.notna().to_numpy()
         if type_ == "bool" and col.dtype == object:
-            mapped = col.map(
-                lambda v: {"true": 1, "false": 0}.get(v.lower(), v) if isinstance(v, str) else v
-            )
-            col = mapped
+            col = _bool_words(col)
         num = pd.to_numeric(col, errors="coerce")
         bad = present & num.isna().to_numpy()
-        if type_ == "int":
-            frac = (num % 1).fillna(0).to_numpy() != 0
-            bad |= frac
-            return num.astype("Int64" if num.isna().any() else "int64", errors="ignore"), bad
         if type_ == "bool":
             bad |= present & ~num.isin([0, 1]).to_numpy()
         return num.astype("float64"), bad
     if type_ == "date":
+        if col.dtype == "datetime64[ns]":
+            return col, np.zeros(len(col), dtype=bool)
+        present = col.notna().to_numpy()
         dates = pd.to_datetime(col, errors="coerce", format="mixed")
         bad = present & dates.isna().to_numpy()
         return dates, bad
@@ -130,22 +171,96 @@ def _coerce(col: pd.Series, type_: str) -> tuple[pd.Series, np.ndarray]:
     return canonical_strings(col), np.zeros(len(col), dtype=bool)
 
 
+def _bool_words(col: pd.Series) -> pd.Series:
+    """'true'/'false' strings (any case) -> 1/0; other values unchanged (vectorized)."""
+    is_str = col.map(type).eq(str).to_numpy() if len(col) else np.zeros(0, dtype=bool)
+    if not is_str.any():
+        return col
+    out = col.copy()
+    words = col[is_str].str.lower()
+    known = words.isin(list(_BOOL_WORDS)).to_numpy()
+    out[np.flatnonzero(is_str)[known]] = words[known].map(_BOOL_WORDS).to_numpy()
+    return out
+
+
+def _coerce_int(col: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """int64 when nothing is missing, else nullable Int64; values beyond int64, infinities and
+    fractions are bad (never wrapped around or silently turned into floats)."""
+    n = len(col)
+    if col.dtype == np.int64:
+        return col, np.zeros(n, dtype=bool)
+    present = col.notna().to_numpy()
+    num = pd.to_numeric(col, errors="coerce", dtype_backend="numpy_nullable")
+    values = num.to_numpy(dtype="float64", na_value=np.nan)  # only for the checks below
+    bad = present & np.isnan(values)
+    kind = num.dtype.kind if isinstance(num.dtype, np.dtype) else num.dtype.numpy_dtype.kind
+    if kind == "u":
+        bad |= (num > INT64_MAX).fillna(False).to_numpy(dtype=bool)
+    elif kind == "f":
+        with np.errstate(invalid="ignore"):
+            bad |= ~np.isnan(values) & (~np.isfinite(values) | (values % 1 != 0)
+                                        | (np.abs(values) >= _TWO_63))
+    keep = ~bad & ~np.isnan(values)
+    if kind in "iub":
+        ints = num.to_numpy(dtype="int64", na_value=0) if kind != "u" else np.where(
+            keep, num.to_numpy(dtype="uint64", na_value=0), 0).astype(np.int64)
+    else:
+        ints = np.where(keep, values, 0).astype(np.int64)
+    if keep.all():
+        return pd.Series(ints, index=col.index, name=col.name), bad
+    out = pd.Series(pd.arrays.IntegerArray(ints, ~keep), index=col.index, name=col.name)
+    return out, bad
+
+
 def canonical_strings(values: pd.Series | Sequence[Any]) -> pd.Series:
-    """Map 1, 1.0, "1" and np.int64(1) to the same string so vocabularies match at serve time."""
+    """Map 1, 1.0, "1" and np.int64(1) to the same string so vocabularies match at serve time.
+
+    Missing values become None. Integral numbers (and numeric strings such as "1.0") are
+    written as integers, but only within int64 (1e30 stays "1e+30", as the processor's
+    vocabulary has it), so nothing wraps around. Numpy-backed columns are converted with
+    array operations; extension dtypes take the general pandas path."""
     s = pd.Series(values, copy=False) if not isinstance(values, pd.Series) else values
+    dtype = s.dtype
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biufO":
+        return _canonical_general(s)
+    arr = s.to_numpy()
+    if dtype.kind == "b":
+        out = np.where(arr, "True", "False").astype(object)
+    elif dtype.kind in "iu":
+        out = arr.astype(str).astype(object)
+    elif dtype.kind == "f":
+        out = _canonical_numbers(arr, arr, s.astype("string").to_numpy(dtype=object))
+    else:
+        num = pd.to_numeric(arr, errors="coerce")
+        if num.dtype.kind == "f" and np.isnan(num).all():  # nothing numeric
+            out = pd.Series(arr, copy=False).astype(str).to_numpy(dtype=object)
+        else:
+            out = _canonical_numbers(num, arr, pd.Series(arr, copy=False).astype(str).to_numpy(dtype=object))
+        out[pd.isna(arr)] = None
+    return pd.Series(out, index=s.index, name=s.name, dtype=object)
+
+
+def _canonical_numbers(num: np.ndarray, raw: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """`text` with integral numbers (within int64) rewritten as integers, missing -> None."""
+    if num.dtype.kind in "iu":  # every value present and an integer
+        return num.astype(str).astype(object)
+    out = text.copy()
+    with np.errstate(invalid="ignore"):
+        integral = np.isfinite(num) & (num % 1 == 0) & (np.abs(num) < _TWO_63)
+    out[integral] = num[integral].astype(np.int64).astype(str)
+    out[pd.isna(raw)] = None
+    return out
+
+
+def _canonical_general(s: pd.Series) -> pd.Series:
+    """canonical_strings for extension dtypes (nullable ints/floats/booleans, strings, ...)."""
     if pd.api.types.is_bool_dtype(s.dtype):
         return s.astype("string").str.title().astype(object)
     if pd.api.types.is_integer_dtype(s.dtype):
         return s.astype("string").astype(object).where(s.notna(), None)
     if pd.api.types.is_float_dtype(s.dtype):
-        integral = s.notna() & (s % 1 == 0)
-        out = s.astype("string").astype(object)
-        out[integral] = s[integral].astype("int64").astype(str)
-        return out.where(s.notna(), None)
-    num = pd.to_numeric(s, errors="coerce")
-    if s.dtype == object and num.notna().any():
-        integral = num.notna() & (num % 1 == 0)
-        out = s.astype(str).astype(object)
-        out[integral] = num[integral].astype("int64").astype(str)
-        return out.where(s.notna(), None)
+        num = s.to_numpy(dtype=np.float64, na_value=np.nan)
+        text = s.astype("string").to_numpy(dtype=object)
+        out = _canonical_numbers(num, num, text)
+        return pd.Series(out, index=s.index, name=s.name, dtype=object)
     return s.astype("string").astype(object).where(s.notna(), None)

@@ -44,11 +44,29 @@ def truthy(values: pd.Series) -> np.ndarray:
     if pd.api.types.is_bool_dtype(values.dtype):
         return values.fillna(False).to_numpy(dtype=bool)
     if pd.api.types.is_numeric_dtype(values.dtype):
-        return values.fillna(0).to_numpy(dtype="float64") != 0
+        num = values.to_numpy(dtype="float64", na_value=np.nan)
+        return ~np.isnan(num) & (num != 0)
     return (values.notna() & ~values.isin(FALSE_STRINGS + [0, False])).to_numpy(dtype=bool)
 
 
-def require(df: pd.DataFrame, columns: Iterable[str], step: str) -> None:
+def numbers(values: pd.Series) -> np.ndarray:
+    """Column -> float64 array, NaN where missing or not a number (pd.to_numeric, coerce)."""
+    if not pd.api.types.is_numeric_dtype(values.dtype):
+        values = pd.to_numeric(values, errors="coerce")
+    return values.to_numpy(dtype="float64", na_value=np.nan)
+
+
+def year_month(dates: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(year, month) of a datetime64[ns] column as float64 arrays, NaN for NaT."""
+    values = dates.to_numpy(dtype="datetime64[ns]")
+    months = values.astype("datetime64[M]")
+    nat = np.isnat(months)
+    count = np.where(nat, 0, months.astype(np.int64))  # months since 1970-01
+    year = np.where(nat, np.nan, count // 12 + 1970)
+    return year, np.where(nat, np.nan, count % 12 + 1)
+
+
+def require(df: pd.DataFrame | Columns, columns: Iterable[str], step: str) -> None:
     """Raise DataError naming the columns a step needs that `df` lacks."""
     missing = [c for c in columns if c not in df.columns]
     if missing:
@@ -58,12 +76,20 @@ def require(df: pd.DataFrame, columns: Iterable[str], step: str) -> None:
 
 def add_columns(df: pd.DataFrame, cols: Mapping[str, Any]) -> pd.DataFrame:
     """New frame = df plus `cols` (replacing same-named columns); df's column data is shared,
-    not copied (setting a column on a shallow copy never writes into df)."""
+    not copied (setting a column on a shallow copy never writes into df).
+
+    New columns are attached in one concat rather than one insert each: with ~50 feature
+    columns, per-column inserts dominated the cost of a small (HTTP-sized) batch."""
+    values = {name: v.to_numpy() if isinstance(v, pd.Series) else v for name, v in cols.items()}
+    if values and df.index.is_unique and not df.columns.has_duplicates and not (
+            set(values) & set(df.columns)):
+        new = pd.DataFrame(values, index=df.index)
+        return pd.concat([df, new], axis=1, copy=False)
     out = df.copy(deep=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
-        for name, values in cols.items():
-            out[name] = values.to_numpy() if isinstance(values, pd.Series) else values
+        for name, v in values.items():
+            out[name] = v
     return out
 
 
@@ -132,6 +158,40 @@ def _cast_table(df: pd.DataFrame, columns: Sequence[str], dtypes: Mapping[str, s
     return canonical_table(df.astype({c: dtypes[c] for c in columns}))
 
 
+class Columns:
+    """A DataFrame plus columns added by steps, without building a frame after every step.
+
+    `FeaturePipeline.transform` runs its steps over this view and builds the output frame once;
+    per-step frames (one concat each) dominated the cost of small, HTTP-sized batches."""
+
+    def __init__(self, df: pd.DataFrame) -> None:
+        self.frame = df
+        self.index = df.index
+        self.added: dict[str, Any] = {}
+        self._series: dict[str, pd.Series] = {}
+        self.columns: list[Any] = list(df.columns)
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def __getitem__(self, name: str) -> pd.Series:
+        if name not in self.added:
+            return self.frame[name]
+        if name not in self._series:
+            self._series[name] = pd.Series(self.added[name], index=self.index, name=name, copy=False)
+        return self._series[name]
+
+    def add(self, cols: Mapping[str, Any]) -> None:
+        for name, values in cols.items():
+            self.added[name] = values.to_numpy() if isinstance(values, pd.Series) else values
+            self._series.pop(name, None)
+        known = set(self.columns)
+        self.columns += [c for c in cols if c not in known]
+
+    def to_frame(self) -> pd.DataFrame:
+        return add_columns(self.frame, self.added) if self.added else self.frame
+
+
 # ---------------------------------------------------------------------------- step base
 
 
@@ -143,8 +203,14 @@ class Step:
     def fit(self, df: pd.DataFrame) -> Step:
         return self
 
-    def transform(self, df: pd.DataFrame) -> pd.DataFrame:
+    def new_columns(self, df: pd.DataFrame | Columns) -> dict[str, Any]:
+        """The columns this step adds (name -> array), computed from `df`'s columns. `df` is a
+        DataFrame or a `Columns` view (what `FeaturePipeline.transform` passes), so a step only
+        reads `df[name]`, `df.columns`, `df.index` and `len(df)`."""
         raise NotImplementedError
+
+    def transform(self, df: pd.DataFrame) -> pd.DataFrame:
+        return add_columns(df, self.new_columns(df))
 
     def fit_transform(self, df: pd.DataFrame) -> pd.DataFrame:
         return self.fit(df).transform(df)
@@ -199,16 +265,47 @@ DATE_ATTRS = ("Year", "Month", "Week", "Day", "Dayofweek", "Dayofyear", "Is_mont
               "Is_year_start", "Elapsed")
 
 
-def _date_attr(dates: pd.Series, attr: str) -> np.ndarray:
-    dt = dates.dt
-    if attr == "Week":
-        return _int_or_float(dt.isocalendar().week.astype("Float64").to_numpy(na_value=np.nan))
-    if attr == "Elapsed":
-        days = dates.to_numpy(dtype="datetime64[ns]").astype("datetime64[D]")
-        return _int_or_float(np.where(np.isnat(days), np.nan, days.astype(np.int64)))
-    if attr.startswith("Is_"):
-        return getattr(dt, attr.lower()).fillna(False).to_numpy(dtype=np.int64)
-    return _int_or_float(getattr(dt, attr.lower()))
+def _date_parts(values: np.ndarray, attrs: Sequence[str]) -> dict[str, np.ndarray]:
+    """Calendar parts of datetime64[ns] values with numpy calendar arithmetic (no pandas
+    accessors): int64 when no value is NaT, else float64 with NaN; Is_* flags are 0 for NaT."""
+    nat = np.isnat(values)
+    day = np.where(nat, np.datetime64(0, "D"), values.astype("datetime64[D]"))
+    month_start = day.astype("datetime64[M]")
+    year_start = day.astype("datetime64[Y]")
+    days = day.astype(np.int64)
+    year = year_start.astype(np.int64) + 1970
+    month = month_start.astype(np.int64) % 12 + 1
+    dom = (day - month_start.astype("datetime64[D]")).astype(np.int64) + 1
+    dow = (days + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
+    month_end = (day + 1).astype("datetime64[M]") != month_start
+    out: dict[str, np.ndarray] = {}
+    for a in attrs:
+        if a == "Year":
+            v = year
+        elif a == "Month":
+            v = month
+        elif a == "Day":
+            v = dom
+        elif a == "Dayofweek":
+            v = dow
+        elif a == "Dayofyear":
+            v = (day - year_start.astype("datetime64[D]")).astype(np.int64) + 1
+        elif a == "Week":  # ISO week: the week (Monday..Sunday) holding this week's Thursday
+            thursday = day + (3 - dow)
+            v = (thursday - thursday.astype("datetime64[Y]").astype("datetime64[D]")).astype(np.int64) // 7 + 1
+        elif a == "Elapsed":
+            v = days
+        else:
+            flag = {"Is_month_end": month_end,
+                    "Is_month_start": dom == 1,
+                    "Is_quarter_end": month_end & (month % 3 == 0),
+                    "Is_quarter_start": (dom == 1) & (month % 3 == 1),
+                    "Is_year_end": (month == 12) & (dom == 31),
+                    "Is_year_start": (month == 1) & (dom == 1)}[a]
+            out[a] = (flag & ~nat).astype(np.int64)
+            continue
+        out[a] = np.where(nat, np.nan, v) if nat.any() else v.astype(np.int64)
+    return out
 
 
 @register
@@ -236,17 +333,18 @@ class DateParts(Step):
     def outputs(self) -> list[str]:
         return [self.prefix + a for a in self.attrs]
 
-    def transform(self, df: pd.DataFrame) -> pd.DataFrame:
+    def new_columns(self, df: pd.DataFrame | Columns) -> dict[str, Any]:
         require(df, [self.field], self.name)
-        dates = as_datetime(df[self.field], self.field, self.name)
-        codes, uniques = pd.factorize(dates)  # few distinct days: compute once per day
-        uniq = pd.Series(np.append(uniques.to_numpy(dtype="datetime64[ns]"), np.datetime64("NaT")))
-        take = np.where(codes < 0, len(uniques), codes)
-        cols = {}
-        for a in self.attrs:
-            values = _date_attr(uniq, a)[take]
-            cols[self.prefix + a] = _int_or_float(values) if values.dtype.kind == "f" else values
-        return add_columns(df, cols)
+        dates = as_datetime(df[self.field], self.field, self.name).to_numpy(dtype="datetime64[ns]")
+        if len(dates) > 64:  # few distinct days in a big batch: compute once per day
+            codes, uniques = pd.factorize(dates)
+            uniq = np.append(uniques.astype("datetime64[ns]"), np.datetime64("NaT", "ns"))
+            take = np.where(codes < 0, len(uniques), codes)
+            parts = _date_parts(uniq, self.attrs)
+            cols = {a: _int_or_float(v[take]) if v.dtype.kind == "f" else v[take] for a, v in parts.items()}
+        else:
+            cols = _date_parts(dates, self.attrs)
+        return {self.prefix + a: cols[a] for a in self.attrs}
 
     def params(self) -> dict[str, Any]:
         return {"field": self.field, "prefix": self.prefix, "attrs": self.attrs}
@@ -271,6 +369,45 @@ def _key_codes(left: list[pd.Series], right: list[pd.Series]) -> tuple[np.ndarra
         code = np.where(missing, -1, combined)
     assert code is not None
     return code[:n], code[n:]
+
+
+class _TableKeys:
+    """A unique table's key columns, indexed once: left rows are matched with get_indexer
+    instead of factorizing the whole table on every call. Used only when every left key
+    column has exactly the table's dtype, where matching equals `_key_codes` matching."""
+
+    def __init__(self, dtypes: list[Any], uniques: list[pd.Index], strides: np.ndarray,
+                 index: pd.Index) -> None:
+        self.dtypes, self.uniques, self.strides, self.index = dtypes, uniques, strides, index
+
+    @classmethod
+    def build(cls, right: list[pd.Series]) -> _TableKeys | None:
+        parts, uniques = [], []
+        for rk in right:
+            codes, u = pd.factorize(rk)
+            parts.append(codes.astype(np.int64))
+            uniques.append(pd.Index(u, dtype=rk.dtype))
+        sizes = [max(len(u), 1) for u in uniques]
+        if float(np.prod(np.array(sizes, dtype=np.float64))) >= 2.0**62:
+            return None  # combined codes would overflow: use the general path
+        strides = np.cumprod([1, *sizes[:-1]]).astype(np.int64)
+        combined = sum(p * st for p, st in zip(parts, strides, strict=True))
+        return cls([rk.dtype for rk in right], uniques, strides,
+                   pd.Index(np.asarray(combined, dtype=np.int64)))
+
+    def accepts(self, left: list[pd.Series]) -> bool:
+        return all(lk.dtype == dt for lk, dt in zip(left, self.dtypes, strict=True))
+
+    def positions(self, left: list[pd.Series]) -> np.ndarray:
+        combined = np.zeros(len(left[0]), dtype=np.int64)
+        unmatched = np.zeros(len(left[0]), dtype=bool)
+        for lk, u, stride in zip(left, self.uniques, self.strides, strict=True):
+            part = u.get_indexer(lk)
+            unmatched |= part < 0
+            combined += part * stride
+        pos = self.index.get_indexer(combined)
+        pos[unmatched] = -1
+        return pos
 
 
 @register
@@ -306,30 +443,62 @@ class JoinTable(Step):
             raise DataError(f"JoinTable {label!r}: table is not unique on {right_keys}; "
                             f"{int(dup.sum())} rows share a key, e.g. {shown}")
         self.table = canonical_table(table)
+        self._cache: tuple[pd.DataFrame, _TableKeys | None, dict[str, np.ndarray]] | None = None
+
+    def _lookup(self) -> tuple[_TableKeys | None, dict[str, np.ndarray]]:
+        """The table's key index and output columns as arrays, built once per table."""
+        if self._cache is None or self._cache[0] is not self.table:
+            keys = _TableKeys.build([self.table[k] for k in self.on.values()])
+            arrays = {}
+            for c in self.columns:
+                values = self.table[c].to_numpy()
+                arrays[c] = values.astype("float64") if values.dtype.kind in "biu" else values
+            self._cache = (self.table, keys, arrays)
+        return self._cache[1], self._cache[2]
+
+    def _positions(self, df: pd.DataFrame | Columns, keys: _TableKeys | None) -> np.ndarray:
+        """Table row of each input row, -1 where none matches."""
+        left = [df[k] for k in self.on]
+        if keys is not None and keys.accepts(left):
+            return keys.positions(left)
+        lcode, rcode = _key_codes(left, [self.table[k] for k in self.on.values()])
+        pos = pd.Index(rcode).get_indexer(lcode)
+        pos[lcode < 0] = -1
+        return pos
 
     def outputs(self, existing: Iterable[str] = ()) -> list[str]:
         existing = set(existing)
         return [c + self.suffix if c in existing else c for c in self.columns]
 
     def transform(self, df: pd.DataFrame) -> pd.DataFrame:
+        cols, found = self._join(df)
+        result = add_columns(df, cols)
+        return result[found] if self.how == "inner" else result
+
+    def new_columns(self, df: pd.DataFrame | Columns) -> dict[str, Any]:
+        if self.how == "inner":
+            raise NotImplementedError("an inner JoinTable drops rows: use transform()")
+        return self._join(df)[0]
+
+    def _join(self, df: pd.DataFrame | Columns) -> tuple[dict[str, Any], np.ndarray]:
+        """(joined columns, which rows found a match)."""
         require(df, list(self.on), f"{self.name}:{self.label}")
-        lcode, rcode = _key_codes([df[k] for k in self.on], [self.table[k] for k in self.on.values()])
-        pos = pd.Index(rcode).get_indexer(lcode)
-        pos[lcode < 0] = -1
+        keys, arrays = self._lookup()
+        pos = self._positions(df, keys)
         found = pos >= 0
         take = np.where(found, pos, 0)
         cols = {}
         for c, out in zip(self.columns, self.outputs(df.columns), strict=True):
-            values = self.table[c].to_numpy()
-            if values.dtype.kind in "biu":
-                values = values.astype("float64")
+            values = arrays[c]
             taken = values[take] if len(values) else np.full(len(df), np.nan)
             if not found.all():
-                taken = pd.Series(taken).where(found, np.nan if taken.dtype.kind != "M"
-                                               else pd.NaT).to_numpy()
+                if taken.dtype.kind in "fO":
+                    taken[~found] = np.nan  # `taken` is a fresh copy (fancy indexing)
+                else:
+                    taken = pd.Series(taken).where(found, np.nan if taken.dtype.kind != "M"
+                                                   else pd.NaT).to_numpy()
             cols[out] = taken
-        result = add_columns(df, cols)
-        return result[found] if self.how == "inner" else result
+        return cols, found
 
     def params(self) -> dict[str, Any]:
         return {"on": self.on, "columns": self.columns, "how": self.how, "suffix": self.suffix,
@@ -360,6 +529,7 @@ class GroupAny(Step):
         self.where = dict(where or {})
         self.default = default
         self.table: pd.DataFrame | None = None
+        self._index: tuple[pd.DataFrame, pd.Index] | None = None  # (table, its group index)
 
     def fit(self, df: pd.DataFrame) -> GroupAny:
         require(df, [self.group, self.column, *self.where], self.name)
@@ -371,14 +541,16 @@ class GroupAny(Step):
                                    self.out: flags.to_numpy().astype(np.int64)})
         return self
 
-    def transform(self, df: pd.DataFrame) -> pd.DataFrame:
+    def new_columns(self, df: pd.DataFrame | Columns) -> dict[str, Any]:
         if self.table is None:
             raise RuntimeError(f"{self.name}: call fit() before transform()")
         require(df, [self.group], self.name)
-        pos = pd.Index(self.table[self.group]).get_indexer(df[self.group])
+        if self._index is None or self._index[0] is not self.table:
+            self._index = (self.table, pd.Index(self.table[self.group]))
+        pos = self._index[1].get_indexer(df[self.group])
         values = self.table[self.out].to_numpy()
         out = np.where(pos >= 0, values[np.maximum(pos, 0)] if len(values) else 0, self.default)
-        return add_columns(df, {self.out: out.astype(np.int64)})
+        return {self.out: out.astype(np.int64)}
 
     def params(self) -> dict[str, Any]:
         return {"group": self.group, "column": self.column, "out": self.out,
@@ -409,7 +581,7 @@ class MonthInList(Step):
         self.list_col, self.date_col, self.out = list_col, date_col, out
         self.month_names, self.sep, self.require = list(month_names), sep, list(require)
 
-    def transform(self, df: pd.DataFrame) -> pd.DataFrame:
+    def new_columns(self, df: pd.DataFrame | Columns) -> dict[str, Any]:
         require(df, [self.list_col, self.date_col, *self.require], self.name)
         codes, uniques = pd.factorize(df[self.list_col])
         # one row per distinct list value (+1 all-False row for missing); few distinct values
@@ -417,12 +589,13 @@ class MonthInList(Step):
         for i, text in enumerate(uniques):
             parts = {p.strip() for p in str(text).split(self.sep)}
             lookup[i] = [m in parts for m in self.month_names]
-        month = as_datetime(df[self.date_col], self.date_col, self.name).dt.month
-        month_idx = month.fillna(1).to_numpy(dtype=np.int64) - 1
-        flag = lookup[np.where(codes < 0, len(uniques), codes), month_idx] & month.notna().to_numpy()
+        _, month = year_month(as_datetime(df[self.date_col], self.date_col, self.name))
+        known = ~np.isnan(month)
+        month_idx = np.where(known, month, 1).astype(np.int64) - 1
+        flag = lookup[np.where(codes < 0, len(uniques), codes), month_idx] & known
         for col in self.require:
             flag &= truthy(df[col])
-        return add_columns(df, {self.out: flag.astype(np.int64)})
+        return {self.out: flag.astype(np.int64)}
 
     def params(self) -> dict[str, Any]:
         return {"list_col": self.list_col, "date_col": self.date_col, "out": self.out,
@@ -440,9 +613,9 @@ class _Duration(Step):
         self.clip = (int(clip[0]), int(clip[1]))
         self.missing = int(missing)
 
-    def _finish(self, df: pd.DataFrame, raw: np.ndarray, valid: np.ndarray) -> pd.DataFrame:
+    def _finish(self, raw: np.ndarray, valid: np.ndarray) -> dict[str, Any]:
         clipped = np.clip(np.where(valid, raw, 0), *self.clip)
-        return add_columns(df, {self.out: np.where(valid, clipped, self.missing).astype(np.int64)})
+        return {self.out: np.where(valid, clipped, self.missing).astype(np.int64)}
 
 
 @register
@@ -457,15 +630,14 @@ class MonthsSince(_Duration):
         super().__init__(date_col, out, clip, missing)
         self.year_col, self.month_col = year_col, month_col
 
-    def transform(self, df: pd.DataFrame) -> pd.DataFrame:
+    def new_columns(self, df: pd.DataFrame | Columns) -> dict[str, Any]:
         require(df, [self.year_col, self.month_col, self.date_col], self.name)
-        dates = as_datetime(df[self.date_col], self.date_col, self.name)
-        year = pd.to_numeric(df[self.year_col], errors="coerce").to_numpy(dtype="float64")
-        month = pd.to_numeric(df[self.month_col], errors="coerce").to_numpy(dtype="float64")
-        valid = ~np.isnan(year) & (month >= 1) & (month <= 12) & dates.notna().to_numpy()
-        months = ((dates.dt.year.to_numpy(dtype="float64") - year) * 12
-                  + dates.dt.month.to_numpy(dtype="float64") - month)
-        return self._finish(df, np.nan_to_num(months), valid)
+        date_year, date_month = year_month(as_datetime(df[self.date_col], self.date_col, self.name))
+        year = numbers(df[self.year_col])
+        month = numbers(df[self.month_col])
+        valid = ~np.isnan(year) & (month >= 1) & (month <= 12) & ~np.isnan(date_year)
+        months = (date_year - year) * 12 + date_month - month
+        return self._finish(np.nan_to_num(months), valid)
 
     def params(self) -> dict[str, Any]:
         return {"year_col": self.year_col, "month_col": self.month_col,
@@ -492,17 +664,18 @@ class WeeksSince(_Duration):
         super().__init__(date_col, out, clip, missing)
         self.year_col, self.week_col = year_col, week_col
 
-    def transform(self, df: pd.DataFrame) -> pd.DataFrame:
+    def new_columns(self, df: pd.DataFrame | Columns) -> dict[str, Any]:
         require(df, [self.year_col, self.week_col, self.date_col], self.name)
-        dates = as_datetime(df[self.date_col], self.date_col, self.name)
-        year = pd.to_numeric(df[self.year_col], errors="coerce").to_numpy(dtype="float64")
-        week = pd.to_numeric(df[self.week_col], errors="coerce").to_numpy(dtype="float64")
-        valid = ((year >= 1900) & (year <= 2200) & (week >= 1) & (week <= 53)
-                 & dates.notna().to_numpy())
+        dates = as_datetime(df[self.date_col], self.date_col, self.name).to_numpy(dtype="datetime64[ns]")
+        year = numbers(df[self.year_col])
+        week = numbers(df[self.week_col])
+        nat = np.isnat(dates)
+        valid = (year >= 1900) & (year <= 2200) & (week >= 1) & (week <= 53) & ~nat
         start = iso_week_monday(np.where(valid, year, 1970).astype(np.int64),
                                 np.where(valid, week, 1).astype(np.int64))
-        days = day_numbers(dates.fillna(pd.Timestamp(0))) - start.astype(np.int64)
-        return self._finish(df, np.floor_divide(days, 7), valid)
+        day = np.where(nat, np.datetime64(0, "D"), dates.astype("datetime64[D]"))
+        days = day.astype(np.int64) - start.astype(np.int64)
+        return self._finish(np.floor_divide(days, 7), valid)
 
     def params(self) -> dict[str, Any]:
         return {"year_col": self.year_col, "week_col": self.week_col,
@@ -550,12 +723,13 @@ class ElapsedEvents(Step):
         self.window, self.cap = int(window), int(cap)
         self.after_prefix, self.before_prefix = after_prefix, before_prefix
         self.history: pd.DataFrame | None = None
+        self._cache: tuple[pd.DataFrame, pd.Index, dict[str, np.ndarray]] | None = None
 
     def outputs(self) -> list[str]:
         return [name for e in self.events for name in (
             self.after_prefix + e, self.before_prefix + e, f"{e}_bw", f"{e}_fw")]
 
-    def _inputs(self, df: pd.DataFrame) -> tuple[pd.Series, np.ndarray, dict[str, np.ndarray]]:
+    def _inputs(self, df: pd.DataFrame | Columns) -> tuple[pd.Series, np.ndarray, dict[str, np.ndarray]]:
         require(df, [self.group, self.date, *self.events], self.name)
         dates = as_datetime(df[self.date], self.date, self.name)
         bad = dates.isna().to_numpy() | df[self.group].isna().to_numpy()
@@ -583,24 +757,38 @@ class ElapsedEvents(Step):
         self.history = canonical_table(hist)
         return self
 
-    def transform(self, df: pd.DataFrame) -> pd.DataFrame:
+    def new_columns(self, df: pd.DataFrame | Columns) -> dict[str, Any]:
         if self.history is None:
             raise RuntimeError(f"{self.name}: call fit() before transform()")
         group, days, flags = self._inputs(df)
-        hist = self.history
-        codes, _ = pd.factorize(pd.concat([group, hist[self.group]], ignore_index=True))
-        bkeys = _keys(codes[: len(df)], days)
-        hkeys = _keys(codes[len(df):], day_numbers(hist[self.date]))
-        from_hist = ~np.isin(hkeys, bkeys)  # the batch wins where it has the same group/day
+        groups, hist_events = self._history_keys()
+        codes = groups.get_indexer(group)
+        unseen = codes < 0
+        if unseen.any():  # groups without history get codes of their own
+            codes[unseen] = len(groups) + pd.factorize(group[unseen])[0]
+        bkeys = _keys(codes, days)
         cols: dict[str, np.ndarray] = {}
         for e in self.events:
-            hev = from_hist & (hist[e].to_numpy() != 0)
-            ev = np.unique(np.concatenate([bkeys[flags[e]], hkeys[hev]]))
+            hist_ev = hist_events[e]
+            hist_ev = hist_ev[~np.isin(hist_ev, bkeys)]  # the batch wins where it has the same group/day
+            ev = np.unique(np.concatenate([bkeys[flags[e]], hist_ev]))
             since, until, bw, fw = self._distances(ev, bkeys)
             cols[self.after_prefix + e] = since
             cols[self.before_prefix + e] = until
             cols[f"{e}_bw"], cols[f"{e}_fw"] = bw, fw
-        return add_columns(df, cols)
+        return cols
+
+    def _history_keys(self) -> tuple[pd.Index, dict[str, np.ndarray]]:
+        """(history's distinct groups, per event the sorted keys of its history event days),
+        computed once per history table rather than on every transform."""
+        hist = self.history
+        assert hist is not None
+        if self._cache is None or self._cache[0] is not hist:
+            codes, groups = pd.factorize(hist[self.group])
+            keys = _keys(codes, day_numbers(hist[self.date]))
+            events = {e: np.unique(keys[hist[e].to_numpy() != 0]) for e in self.events}
+            self._cache = (hist, pd.Index(groups), events)
+        return self._cache[1], self._cache[2]
 
     def _distances(self, ev: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, ...]:
         """ev: sorted unique event keys; q: row keys. Keys of different groups never mix
@@ -655,9 +843,15 @@ class FeaturePipeline:
         return df
 
     def transform(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Run every step over a `Columns` view and build the output frame once (an inner
+        join, which drops rows, materialises the frame at that step)."""
+        view = Columns(df)
         for step in self.steps:
-            df = step.transform(df)
-        return df
+            if isinstance(step, JoinTable) and step.how == "inner":
+                view = Columns(step.transform(view.to_frame()))
+            else:
+                view.add(step.new_columns(view))
+        return view.to_frame()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict with every table inline (small pipelines, tests, embedding)."""

@@ -34,6 +34,8 @@ log = logging.getLogger("tabrec")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last stdout line.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info logs.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for every random choice.")]
+NprocOpt = Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel worker processes (DDP via torchrun; "
+                                       "gloo on CPU, NCCL on GPU). See docs/distributed.md.")]
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -111,6 +113,7 @@ def _ratings_config(**kw: Any) -> Any:
 
 @train_app.command("ratings")
 def train_ratings_cmd(
+    ctx: typer.Context,
     ratings: Annotated[str, typer.Option(help="Ratings file (u.data, ratings.dat, ratings.csv, CSV, Parquet).")],
     format: Annotated[str, typer.Option(help="auto|ml-100k|ml-1m|ml-latest|csv|parquet")] = "auto",
     items: Annotated[str | None, typer.Option(help="Item metadata (u.item, movies.dat, movies.csv).")] = None,
@@ -119,10 +122,13 @@ def train_ratings_cmd(
     split: Annotated[str, typer.Option(help="random|time|user-last")] = "random",
     model: Annotated[str, typer.Option(help="dot (DotProductBias) or nn (EmbeddingNN)")] = "dot",
     factors: Annotated[int, typer.Option(min=1)] = 50,
-    epochs: Annotated[int, typer.Option(min=1)] = 5,
-    lr: Annotated[str, typer.Option(help="'auto' (lr finder) or a number; default tuned once on ML-100k")] = "1e-2",
-    wd: Annotated[float, typer.Option(help="AdamW decoupled weight decay")] = 0.3,
-    batch_size: Annotated[int, typer.Option(min=1)] = 1024,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Default: dot 5, nn 20.")] = None,
+    lr: Annotated[str | None, typer.Option(help="'auto' (lr finder) or a number. Default: dot 1e-2, nn 3e-2.")] = None,
+    wd: Annotated[float | None, typer.Option(help="AdamW decoupled weight decay. Default: dot 0.3, nn 0.5.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Default: dot 1024, nn 4096.")] = None,
+    dropout: Annotated[float | None, typer.Option(min=0.0, max=0.99, help="nn only: dense-layer dropout (0.5).")] = None,
+    embed_p: Annotated[float | None, typer.Option(min=0.0, max=0.99,
+                                                  help="nn only: embedding dropout (0.3).")] = None,
     seed: SeedOpt = 0,
     experiment: Annotated[str, typer.Option()] = "ratings",
     register: Annotated[str | None, typer.Option(help="Register as this model name.")] = None,
@@ -133,15 +139,17 @@ def train_ratings_cmd(
     time_col: Annotated[str | None, typer.Option()] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    nproc: NprocOpt = 1,
 ) -> None:
     """Train a DotProductBias or EmbeddingNN recommender."""
     from pipelines.train_ratings import train_ratings
 
     cfg_kw = dict(ratings=ratings, format=format, items=items, valid=valid, valid_frac=valid_frac, split=split,
-                  model=model, factors=factors, epochs=epochs, lr=lr, wd=wd, batch_size=batch_size, seed=seed,
+                  model=model, factors=factors, epochs=epochs, lr=lr, wd=wd, batch_size=batch_size, dropout=dropout,
+                  embed_p=embed_p, seed=seed,
                   experiment=experiment, register=register, force=force, user_col=user_col,
                   item_col=item_col, rating_col=rating_col, time_col=time_col, quiet=quiet)
-    _run(lambda: train_ratings(_ratings_config(**cfg_kw)), as_json, quiet, human=_human_train)
+    _run_train(ctx, lambda: train_ratings(_ratings_config(**cfg_kw)), as_json, quiet, nproc)
 
 
 def _human_train(r: dict[str, Any]) -> str:
@@ -153,9 +161,82 @@ def _human_train(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- distributed training
+def _run_train(ctx: typer.Context, fn: Callable[[], Any], as_json: bool, quiet: bool, nproc: int) -> None:
+    """A train command's body: in this process, as one torchrun worker, or launching `nproc` workers.
+
+    Under torchrun (RANK/WORLD_SIZE set) --nproc is ignored: the process joins the process group,
+    trains its shard, and only rank 0 prints the result (other ranks log warnings only).
+    """
+    from modeling.training import distributed
+
+    if not distributed.in_torchrun_worker():
+        if nproc > 1:
+            _setup_logging(quiet)
+            _launch_workers(_command_argv(ctx, drop={"nproc"}), nproc, as_json)
+        else:
+            _run(fn, as_json, quiet, human=_human_train)
+        return
+    rank = int(os.environ["RANK"])
+    logging.basicConfig(level=logging.WARNING if quiet or rank else logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
+
+    def body() -> Any:
+        with distributed.process_group():
+            return fn()
+
+    _run(body, as_json and rank == 0, quiet or rank > 0, human=_human_train if rank == 0 else None)
+
+
+def _launch_workers(argv: list[str], nproc: int, as_json: bool) -> None:
+    """Run `torchrun --standalone --nproc-per-node N -m pipelines.cli <argv>` (the launcher is
+    driven in-process so that a worker's exit code 2, bad input, is propagated as 2)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    from modeling.training.distributed import threads_per_rank
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
+    launch = ["--standalone", f"--nproc-per-node={nproc}", "-m", "pipelines.cli", *argv]
+    log.info("launching: python -m torch.distributed.run %s", " ".join(launch))
+    try:
+        run(parse_args(launch))
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        code = failure.exitcode if failure.exitcode in (2, 130) else 1
+        _fail(code, f"rank {rank} of {nproc} failed first (exit code {failure.exitcode}); "
+                    "its error is above on stderr", as_json)
+    except Exception as exc:
+        _fail(1, f"internal error: torchrun launch failed: {type(exc).__name__}: {exc}", as_json)
+
+
+def _command_argv(ctx: typer.Context, drop: set[str]) -> list[str]:
+    """The command line of `ctx` (subcommand path + options given explicitly), minus `drop`."""
+    path, c = [], ctx
+    while c.parent is not None:
+        path.append(c.info_name)
+        c = c.parent
+    argv = path[::-1]
+    for param in ctx.command.params:
+        if param.param_type_name != "option" or param.name in drop:
+            continue
+        source = ctx.get_parameter_source(param.name)
+        if source is None or source.name == "DEFAULT":
+            continue
+        value = ctx.params[param.name]
+        if param.is_flag:
+            if value or param.secondary_opts:
+                argv.append(param.opts[0] if value else param.secondary_opts[0])
+        elif value is not None:
+            for v in value if param.multiple else [value]:
+                argv += [param.opts[0], str(v)]
+    return argv
+
+
 # ---------------------------------------------------------------- train rossmann
 @train_app.command("rossmann")
 def train_rossmann_cmd(
+    ctx: typer.Context,
     train: Annotated[str, typer.Option(help="Kaggle train.csv (.csv, .csv.gz or .parquet).")],
     store: Annotated[str, typer.Option(help="Kaggle store.csv.")],
     external_dir: Annotated[str | None, typer.Option(help="Folder with store_states.csv, weather/, googletrend/.")] = None,
@@ -169,6 +250,7 @@ def train_rossmann_cmd(
     force: Annotated[bool, typer.Option(help="Promote to champion even if not better.")] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    nproc: NprocOpt = 1,
 ) -> None:
     """Train the entity-embedding TabularModel on Rossmann data, with forest checks."""
     from pipelines.train_rossmann import RossmannConfig, train_rossmann
@@ -176,7 +258,7 @@ def train_rossmann_cmd(
     cfg = dict(train=train, store=store, external_dir=external_dir, valid_days=valid_days, epochs=epochs,
                lr=lr, batch_size=batch_size, seed=seed, experiment=experiment, register=register,
                force=force, quiet=quiet)
-    _run(lambda: train_rossmann(RossmannConfig(**cfg)), as_json, quiet, human=_human_train)
+    _run_train(ctx, lambda: train_rossmann(RossmannConfig(**cfg)), as_json, quiet, nproc)
 
 
 # ---------------------------------------------------------------- lr-find
@@ -209,8 +291,8 @@ def lr_find_ratings(
     format: Annotated[str, typer.Option()] = "auto",
     model: Annotated[str, typer.Option()] = "dot",
     factors: Annotated[int, typer.Option(min=1)] = 50,
-    wd: Annotated[float, typer.Option()] = 0.3,
-    batch_size: Annotated[int, typer.Option(min=1)] = 1024,
+    wd: Annotated[float | None, typer.Option(help="Default: the model's (dot 0.3, nn 0.5).")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Default: the model's (dot 1024, nn 4096).")] = None,
     seed: SeedOpt = 0,
     plot: Annotated[Path | None, typer.Option(help="Write the loss-vs-lr plot here (PNG).")] = None,
     as_json: JsonOpt = False,

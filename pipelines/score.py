@@ -1,5 +1,8 @@
 """Batch jobs: score a Parquet/CSV file (or a directory of them) and write top-k recommendations.
 
+With `uncertainty=True` a tabular bundle's spread forest adds a per-row `spread` column (std of
+its trees' predictions of the model's target, e.g. log(Sales)).
+
 Both jobs stream with pyarrow so memory stays bounded, write Parquet to a hidden temp file in
 the output's directory and `os.replace` it into place (a crash never leaves a partial output;
 a rerun rebuilds it), hold a non-blocking `flock` on `<output>.lock` so two overlapping runs on
@@ -485,13 +488,41 @@ def _source_info(predictor: Any, uri: str) -> dict[str, Any]:
 # ============================================================================ drift
 
 
-def _calendar_columns(predictor: Any) -> set[str]:
-    """Date-part outputs that place a row in time: a later batch differs there by construction."""
+_EVENT_REASON = ("event distance/window: Before*/*_fw read the batch's own future and cap at its end, "
+                 "After*/*_bw move with the season")
+_DURATION_REASON = "duration up to the row's date"
+
+
+def drift_exclusions(predictor: Any) -> dict[str, str]:
+    """Model inputs the drift check leaves out, with the reason: the columns that are a function of
+    the row's date, so a batch from another period differs there by construction, not by drift.
+
+    Read from the feature pipeline's steps: calendar parts (Year, Month, Week, Day, Dayofyear,
+    Elapsed), per-group event distances and window counts (`elapsed_events`: the Before*/*_fw
+    values are computed from the events inside the batch and cap where the next event lies past
+    its end; After*/*_bw are exact but seasonal), durations to the date (`months_since`,
+    `weeks_since`), month-of-date flags (`month_in_list`) and tables joined on a date column
+    (weather, trends). Their `<col>_na` flags stay in: a join that stops matching is real skew.
+    """
     feats = getattr(predictor, "features", None)
-    out: set[str] = set()
-    for step in getattr(feats, "steps", []):
-        if getattr(step, "name", "") == "date_parts":
-            out |= {step.prefix + a for a in step.attrs if a in CALENDAR_ATTRS}
+    steps = list(getattr(feats, "steps", []))
+    date_fields = {getattr(s, "field", None) for s in steps if getattr(s, "name", "") == "date_parts"}
+    date_fields |= {getattr(s, "date", None) for s in steps if getattr(s, "name", "") == "elapsed_events"}
+    out: dict[str, str] = {}
+    for step in steps:
+        name = getattr(step, "name", "")
+        if name == "date_parts":
+            out.update({step.prefix + a: "calendar part of the date" for a in step.attrs if a in CALENDAR_ATTRS})
+        elif name == "elapsed_events":
+            out.update({c: _EVENT_REASON for c in step.outputs()})
+        elif name in ("months_since", "weeks_since"):
+            out[step.out] = _DURATION_REASON
+        elif name == "month_in_list":
+            out[step.out] = "flag of the date's month"
+        elif name == "join_table" and date_fields & set(step.on):
+            reason = f"joined on the date ({step.label!r} table)"
+            out.update({c: reason for c in step.columns})
+            out.update({c + step.suffix: reason for c in step.columns})
     return out
 
 
@@ -500,7 +531,8 @@ class DriftSampler:
     adversarial validation (random forest) against the training sample kept in the bundle.
 
     Rows a `zero_when` rule answers without the model (closed stores) are left out, as they were
-    from training; calendar columns (Year, Month, Week, Day, ...) are left out of the comparison.
+    from training; columns that are a function of the row's date (`drift_exclusions`) are left
+    out of the comparison, and the reference is narrowed to the stores in the batch (`_reference`).
     """
 
     def __init__(self, predictor: Any, total_rows: int, rows: int = 5000, seed: int = 0) -> None:
@@ -561,13 +593,43 @@ class DriftSampler:
                                               f"(need {MIN_DRIFT_ROWS}): drift check skipped"}
         from modeling.forest import ForestConfig, adversarial_validation
 
-        calendar = _calendar_columns(self.predictor)
-        cols = [c for c in self._columns() if c not in calendar]
+        excluded = {c: r for c, r in drift_exclusions(self.predictor).items() if c in self._columns()}
+        cols = [c for c in self._columns() if c not in excluded]
+        if not cols:
+            return {"checked": False, "note": "every model input is time-relative: drift check skipped"}
+        log.info("drift check: comparing %d columns %s with the training sample; left out as functions "
+                 "of the date: %s", len(cols), cols, sorted(excluded))
+        reference, scope = self._reference(batch)
         cfg = ForestConfig(n_estimators=25, max_rows=2 * self.target, seed=self.seed)
-        res = adversarial_validation(self.train[cols], batch[cols], cfg)
-        return {"checked": True, "auc": float(res.auc), "rows": int(res.n_rows),
-                "top_features": [[n, float(v)] for n, v in res.top_features[:5]],
-                "excluded_columns": sorted(calendar & set(self._columns()))}
+        res = adversarial_validation(reference[cols], batch[cols], cfg)
+        top = [[n, float(v)] for n, v in res.top_features[:5]]
+        log.info("drift check: adversarial AUC %.3f on %d rows; features separating batch from training: %s",
+                 res.auc, res.n_rows, ", ".join(f"{n} ({v:.2f})" for n, v in top))
+        reasons: dict[str, list[str]] = {}
+        for c, r in excluded.items():
+            reasons.setdefault(r, []).append(c)
+        return {"checked": True, "auc": float(res.auc), "rows": int(res.n_rows), "top_features": top,
+                "compared_columns": cols, "excluded_columns": sorted(excluded), "excluded_reasons": reasons,
+                "reference": scope}
+
+    def _reference(self, batch: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """The training sample, narrowed to the groups (stores) the batch holds: a batch of some known
+        stores is not drift, so the store mix is taken as given and the rest is compared within it.
+        Rows of groups the model never saw (code 0) stay in the batch and stand out."""
+        assert self.train is not None
+        groups = [g for g in group_columns(self.predictor) if g in self.predictor.processor.cat_names_out]
+        if len(groups) != 1:
+            return self.train, {"rows": len(self.train), "narrowed_to": None}
+        g = groups[0]
+        present = self.train[g].isin(batch[g].unique()).to_numpy()
+        narrow = not present.all() and int(present.sum()) >= MIN_DRIFT_ROWS
+        ref = self.train[present] if narrow else self.train
+        scope = {"rows": len(ref), "narrowed_to": g if narrow else None,
+                 "groups": int(ref[g].nunique()), "groups_in_training_sample": int(self.train[g].nunique())}
+        if narrow:
+            log.info("drift check: reference = the training sample's rows of the %d %s value(s) in the batch "
+                     "(%d of %d rows)", scope["groups"], g, len(ref), len(self.train))
+        return ref, scope
 
 
 @contextmanager
@@ -732,10 +794,15 @@ def _chunks(inputs: InputSet, columns: Sequence[str], plan: Plan, spill_dir: Pat
             yield table
 
 
-def _predict_chunk(predictor: Any, table: pa.Table, inputs: InputSet) -> np.ndarray:
+def _predict_chunk(predictor: Any, table: pa.Table, inputs: InputSet,
+                   spread: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """(prediction, spread or None) for one chunk; row errors name the file and line/row."""
     df = table.drop_columns([ROW]).to_pandas(date_as_object=False)
     try:
-        return np.asarray(predictor.predict(df, source="input"), dtype=np.float64)
+        if spread:
+            pred, sd = predictor.predict_with_spread(df, source="input")
+            return np.asarray(pred, dtype=np.float64), np.asarray(sd, dtype=np.float64)
+        return np.asarray(predictor.predict(df, source="input"), dtype=np.float64), None
     except RecordsError as exc:
         rows = table.column(ROW).to_numpy()
         where = "; ".join(f"{inputs.locate(int(rows[e.record]))} field {e.field!r}: {e.msg}"
@@ -743,9 +810,18 @@ def _predict_chunk(predictor: Any, table: pa.Table, inputs: InputSet) -> np.ndar
         raise DataError(f"input rows rejected: {where or exc}") from exc
 
 
-def _output_schema(inputs: InputSet, keys: Sequence[str]) -> pa.Schema:
+def _output_schema(inputs: InputSet, keys: Sequence[str], spread: bool = False) -> pa.Schema:
     return pa.schema([*(pa.field(k, inputs.schema.field(k).type) for k in keys),
-                      pa.field("prediction", pa.float64())])
+                      pa.field("prediction", pa.float64()),
+                      *([pa.field("spread", pa.float64())] if spread else [])])
+
+
+def _check_uncertainty(predictor: Any, model: str) -> None:
+    """DataError unless the model can give a per-row spread (a tabular bundle with a forest)."""
+    if predictor.kind != "tabular":
+        raise DataError(f"model {model}: --uncertainty needs a tabular model whose bundle carries a spread "
+                        f"forest; a {predictor.kind} model has no per-row spread")
+    predictor.forest()  # DataError naming the bundle when it carries none (trained before)
 
 
 def _submission_schema(inputs: InputSet, predictor: Any) -> pa.Schema:
@@ -782,13 +858,12 @@ def score_file(
 ) -> dict[str, Any]:
     """Score a Parquet/CSV file or directory with any model URI -> Parquet of key columns + `prediction`.
 
+    With `uncertainty` a tabular model whose bundle carries a spread forest adds `spread`: the std of
+    its trees' predictions on the model's target scale (Rossmann: log(Sales)), 0 for closed stores.
     With `submission_csv` a tabular model also writes `<id columns>,<target>` (Kaggle: Id,Sales).
     Raises DataError (CLI exit 2) for bad input, a locked/unwritable output, an unreachable tracking
     server or, with `fail_on_drift`, drift; nothing is published then.
     """
-    if uncertainty:
-        raise DataError("--uncertainty is not available yet: bundles carry neither the forest nor a seed "
-                        "ensemble to measure a per-row spread")
     if batch_rows < 1:
         raise DataError(f"batch_rows must be >= 1, got {batch_rows}")
     if not 0.0 <= max_drift_auc <= 1.0:
@@ -807,21 +882,24 @@ def score_file(
             remove_stale_temps(sub)
         _end_stale_runs(run, out)
         result = _score(model, in_path, out, sub, run, stack, quiet=quiet, max_drift_auc=max_drift_auc,
-                        fail_on_drift=fail_on_drift, batch_rows=batch_rows, drift_rows=drift_rows)
+                        fail_on_drift=fail_on_drift, batch_rows=batch_rows, drift_rows=drift_rows,
+                        uncertainty=uncertainty)
     return result
 
 
 def _score(model: str, in_path: Path, out: Path, sub: Path | None, run: Any, stack: ExitStack, *,
            quiet: bool, max_drift_auc: float, fail_on_drift: bool, batch_rows: int,
-           drift_rows: int) -> dict[str, Any]:
+           drift_rows: int, uncertainty: bool = False) -> dict[str, Any]:
     from modeling.predictors import load_predictor
 
     t0 = time.perf_counter()
     predictor = load_predictor(model)
+    if uncertainty:
+        _check_uncertainty(predictor, model)
     inputs = open_inputs(in_path, _string_fields(predictor))
     _check_required(predictor, inputs)
     keys = key_columns(predictor, inputs)
-    schemas = [_output_schema(inputs, keys)]
+    schemas = [_output_schema(inputs, keys, uncertainty)]
     if sub is not None:
         schemas.append(_submission_schema(inputs, predictor))
     wanted = {f.name for f in predictor.schema.fields} | set(keys) | set(group_columns(predictor))
@@ -832,7 +910,7 @@ def _score(model: str, in_path: Path, out: Path, sub: Path | None, run: Any, sta
                       "model_run_id": source["run_id"], "model_kind": predictor.kind, "input": str(in_path),
                       "output": str(out), "submission_csv": str(sub) if sub else None,
                       "batch_rows": batch_rows, "chunk_mode": plan.mode, "max_drift_auc": max_drift_auc,
-                      "fail_on_drift": fail_on_drift})
+                      "fail_on_drift": fail_on_drift, "uncertainty": uncertainty})
     sampler = DriftSampler(predictor, plan.total_rows, drift_rows) if predictor.kind == "tabular" else None
     sink = sampler.add if sampler is not None and sampler.active else None
     writers = [AtomicTableWriter(out, schemas[0])]
@@ -847,14 +925,18 @@ def _score(model: str, in_path: Path, out: Path, sub: Path | None, run: Any, sta
         stack.callback(shutil.rmtree, spill_dir, True)
     drift: dict[str, Any] | None = None
     n_chunks = 0
+    spread_sum, spread_rows = 0.0, 0
     bar = stack.enter_context(_progress(plan.total_rows, quiet, "row"))
     with _features_hook(predictor, sink):
         for table in _chunks(inputs, columns, plan, spill_dir):
-            pred = _predict_chunk(predictor, table, inputs)
+            pred, spread = _predict_chunk(predictor, table, inputs, uncertainty)
             n_chunks += 1
+            if spread is not None:
+                scored = spread > 0  # rows the forest scored (zero_when rows get 0)
+                spread_sum, spread_rows = spread_sum + float(spread[scored].sum()), spread_rows + int(scored.sum())
             if plan.mode == "whole":  # the whole input is in hand: check before writing a byte
                 drift = _drift_gate(sampler, max_drift_auc, fail_on_drift)
-            _write_chunk(writers, table, pred, keys)
+            _write_chunk(writers, table, pred, keys, spread)
             bar.update(table.num_rows)
     if drift is None:  # several chunks: the sample spans all of them, so check before publishing
         drift = _drift_gate(sampler, max_drift_auc, fail_on_drift)
@@ -864,6 +946,8 @@ def _score(model: str, in_path: Path, out: Path, sub: Path | None, run: Any, sta
                "rows_per_second": plan.total_rows / seconds if seconds > 0 else 0.0, "chunks": n_chunks}
     if drift.get("checked"):
         metrics["drift_auc"] = drift["auc"]
+    if uncertainty and spread_rows:
+        metrics["spread_mean"] = spread_sum / spread_rows
     _log(run, metrics=metrics)
     if run is not None:
         import mlflow
@@ -872,16 +956,17 @@ def _score(model: str, in_path: Path, out: Path, sub: Path | None, run: Any, sta
     _publish(writers)
     log.info("scored %d rows in %.1f s -> %s", rows_out, seconds, out)
     return {"output": str(out), "submission_csv": str(sub) if sub else None, "model": source,
-            "key_columns": keys, "chunk_mode": plan.mode, "chunks": n_chunks,
+            "key_columns": keys, "chunk_mode": plan.mode, "chunks": n_chunks, "uncertainty": uncertainty,
             "run_id": run.info.run_id if run is not None else None, "drift": drift,
             **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in metrics.items()}}
 
 
 def _write_chunk(writers: Sequence[AtomicTableWriter], table: pa.Table, pred: np.ndarray,
-                 keys: Sequence[str]) -> None:
+                 keys: Sequence[str], spread: np.ndarray | None = None) -> None:
     pred_arr = pa.array(pred, type=pa.float64())
     main = writers[0]
-    main.write(pa.Table.from_arrays([*(table.column(k) for k in keys), pred_arr], schema=main.schema))
+    extra = [] if spread is None else [pa.array(spread, type=pa.float64())]
+    main.write(pa.Table.from_arrays([*(table.column(k) for k in keys), pred_arr, *extra], schema=main.schema))
     if len(writers) > 1:
         sub = writers[1]
         ids = sub.schema.names[:-1]

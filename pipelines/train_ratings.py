@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -27,7 +28,7 @@ from modeling.errors import DataError
 from modeling.forest import ForestConfig, adversarial_validation, rf_baseline
 from modeling.metrics import mae, ndcg_at_k, precision_at_k, recall_at_k, rmse
 from modeling.schema import InputField, InputSchema
-from modeling.training import TensorData, Trainer, lr_find
+from modeling.training import TensorData, Trainer, distributed, lr_find
 from pipelines import reports, tracking
 from pipelines.ingest.ratings import rating_scale, read_items, read_ratings
 
@@ -35,6 +36,12 @@ log = logging.getLogger("tabrec.train.ratings")
 
 SPLITS = ("random", "time", "user-last")
 MODELS = ("dot", "nn")
+# Per-model training defaults, tuned once on ../shared/data/ml-100k train/valid (docs/benchmarks.md):
+# the NN needs many more large-batch epochs and strong (embedding) dropout to stop overfitting.
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dot": {"epochs": 5, "lr": "1e-2", "wd": 0.3, "batch_size": 1024, "dropout": 0.0, "embed_p": 0.0},
+    "nn": {"epochs": 20, "lr": "3e-2", "wd": 0.5, "batch_size": 4096, "dropout": 0.5, "embed_p": 0.3},
+}
 
 
 @dataclass
@@ -48,11 +55,13 @@ class RatingsConfig:
     model: str = "dot"
     factors: int = 50
     layers: tuple[int, ...] = (100,)
-    dropout: float = 0.1
-    epochs: int = 5
-    lr: str = "1e-2"
-    wd: float = 0.3
-    batch_size: int = 1024
+    # None = the model's default from MODEL_DEFAULTS (tuned once on the ML-100k split).
+    dropout: float | None = None
+    embed_p: float | None = None
+    epochs: int | None = None
+    lr: str | None = None
+    wd: float | None = None
+    batch_size: int | None = None
     seed: int = 0
     experiment: str = "ratings"
     register: str | None = None
@@ -63,6 +72,11 @@ class RatingsConfig:
     rating_col: str | None = None
     time_col: str | None = None
     quiet: bool = False
+
+    def __post_init__(self) -> None:
+        for key, value in MODEL_DEFAULTS.get(self.model, MODEL_DEFAULTS["dot"]).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
     def validate(self) -> None:
         if self.model not in MODELS:
@@ -134,7 +148,7 @@ def y_range_for(scale: tuple[float, float]) -> tuple[float, float]:
 def build_model(cfg: RatingsConfig, n_users: int, n_items: int, y_range: tuple[float, float]) -> torch.nn.Module:
     if cfg.model == "dot":
         return DotProductBias(n_users, n_items, n_factors=cfg.factors, y_range=y_range)
-    return EmbeddingNN(n_users, n_items, layers=cfg.layers, ps=cfg.dropout, y_range=y_range)
+    return EmbeddingNN(n_users, n_items, layers=cfg.layers, ps=cfg.dropout, embed_p=cfg.embed_p, y_range=y_range)
 
 
 def ranking_metrics(
@@ -234,7 +248,8 @@ def find_lr(cfg: RatingsConfig) -> Any:
                    batch_size=cfg.batch_size, seed=cfg.seed, quiet=cfg.quiet)
 
 
-def train_ratings(cfg: RatingsConfig) -> dict[str, Any]:
+def train_ratings(cfg: RatingsConfig) -> dict[str, Any] | None:
+    """Train, check, track and save; the CLI's result dict (None on torchrun ranks other than 0)."""
     cfg.validate()
     t_start = time.perf_counter()
     train_df, valid_df = load_data(cfg)
@@ -254,31 +269,40 @@ def train_ratings(cfg: RatingsConfig) -> dict[str, Any]:
     tags = {"tabrec.pipeline": "ratings", "data_fingerprint": fingerprint}
     if commit := tracking.git_commit():
         tags["git_commit"] = commit
-    with tracking.tracked_run(cfg.experiment, run_name=f"ratings-{cfg.model}", tags=tags) as run, \
+    # Under torchrun every rank prepares the same data and trains on its shard (DDP); only rank 0
+    # tracks the run, runs the lr finder and the checks, and saves and registers the model.
+    rank0 = distributed.current().is_main
+    with (tracking.tracked_run(cfg.experiment, run_name=f"ratings-{cfg.model}", tags=tags) if rank0
+          else contextlib.nullcontext()) as run, \
             tempfile.TemporaryDirectory(prefix="tabrec-ratings-") as tmp_dir:
         tmp = Path(tmp_dir)
-        tracking.log_params({**asdict(cfg), "n_users": n_users - 1, "n_items": n_items - 1,
-                             "n_train": len(train_df), "n_valid": len(valid_df),
-                             "y_range": list(y_range), "rating_scale": list(scale)})
+        if rank0:
+            tracking.log_params({**asdict(cfg), "n_users": n_users - 1, "n_items": n_items - 1,
+                                 "n_train": len(train_df), "n_valid": len(valid_df),
+                                 "y_range": list(y_range), "rating_scale": list(scale),
+                                 "world_size": distributed.current().world_size})
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, n_users, n_items, y_range)
         lr_plot = None
         if cfg.lr == "auto":
             finder = lr_find(build_model(cfg, n_users, n_items, y_range), train, wd=cfg.wd,
-                             batch_size=cfg.batch_size, seed=cfg.seed, quiet=cfg.quiet)
-            lr = float(finder.suggestion)
-            lr_plot = finder.plot(tmp / "lr_finder.png")
-            tracking.log_metrics({"lr_suggested": lr})
+                             batch_size=cfg.batch_size, seed=cfg.seed, quiet=cfg.quiet) if rank0 else None
+            lr = float(distributed.broadcast_object(finder.suggestion if finder else None))
+            if finder is not None:
+                lr_plot = finder.plot(tmp / "lr_finder.png")
+                tracking.log_metrics({"lr_suggested": lr})
         else:
             lr = float(cfg.lr)
         trainer = Trainer(model, metrics={"rmse": rmse, "mae": mae}, lr=lr, wd=cfg.wd,
-                          batch_size=cfg.batch_size, seed=cfg.seed, quiet=cfg.quiet,
-                          callbacks=[tracking.MLflowEpochLogger()])
+                          batch_size=cfg.batch_size, seed=cfg.seed, quiet=cfg.quiet or not rank0,
+                          callbacks=[tracking.MLflowEpochLogger()] if rank0 else [])
         log.info("training %s on %d ratings (%d users, %d items), lr %.3g, %d epochs", type(model).__name__,
                  len(train_df), n_users - 1, n_items - 1, lr, cfg.epochs)
         t_fit = time.perf_counter()
         history = trainer.fit(train, valid, epochs=cfg.epochs)
         train_seconds = time.perf_counter() - t_fit
+        if not rank0:
+            return None
         pred = trainer.predict(valid.xs).numpy()
 
         baseline = fit_bias_baseline(tu, ti, tr, n_users, n_items)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -31,7 +32,7 @@ from modeling.forest import (
 from modeling.metrics import exp_rmspe, rmspe
 from modeling.processor import TabularProcessor
 from modeling.tabular import TabularModel
-from modeling.training import TensorData, Trainer, lr_find
+from modeling.training import TensorData, Trainer, distributed, lr_find
 from modeling.training.callbacks import EarlyStopping
 from pipelines import reports, tracking
 from pipelines.features.rossmann import (
@@ -70,6 +71,8 @@ class RossmannConfig:
     force: bool = False
     forest_rows: int = 200_000
     forest_trees: int = 40
+    spread_trees: int = 20  # forest kept in the bundle for `score --uncertainty` (0: none)
+    spread_leaves: int = 1024  # leaves per tree of that forest (bounds the bundle's growth)
     quiet: bool = False
     emb_overrides: dict[str, int] = field(default_factory=dict)
 
@@ -80,6 +83,8 @@ class RossmannConfig:
             raise DataError("--epochs must be >= 1")
         if self.batch_size < 2:
             raise DataError("--batch-size must be >= 2 (BatchNorm needs two rows)")
+        if self.spread_trees < 0 or self.spread_leaves < 2:
+            raise DataError("spread_trees must be >= 0 and spread_leaves >= 2")
         if self.lr != "auto":
             try:
                 if float(self.lr) <= 0:
@@ -209,7 +214,8 @@ def _log_rmspe(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return rmspe(np.exp(y_true), np.exp(y_pred))
 
 
-def train_rossmann(cfg: RossmannConfig) -> dict[str, Any]:
+def train_rossmann(cfg: RossmannConfig) -> dict[str, Any] | None:
+    """Train, check, track and save; the CLI's result dict (None on torchrun ranks other than 0)."""
     cfg.validate()
     t_start = time.perf_counter()
     data = prepare(cfg)
@@ -217,20 +223,27 @@ def train_rossmann(cfg: RossmannConfig) -> dict[str, Any]:
     tags = {"tabrec.pipeline": "rossmann", "data_fingerprint": fingerprint}
     if commit := tracking.git_commit():
         tags["git_commit"] = commit
-    with tracking.tracked_run(cfg.experiment, run_name="rossmann-tabular", tags=tags) as run, \
+    # Under torchrun every rank prepares the same data and trains on its shard (DDP); only rank 0
+    # tracks the run, runs the lr finder and the checks, and saves and registers the model.
+    rank0 = distributed.current().is_main
+    with (tracking.tracked_run(cfg.experiment, run_name="rossmann-tabular", tags=tags) if rank0
+          else contextlib.nullcontext()) as run, \
             tempfile.TemporaryDirectory(prefix="tabrec-rossmann-") as tmp_dir:
         tmp = Path(tmp_dir)
-        tracking.log_params({**asdict(cfg), "n_train": len(data.train), "n_valid": len(data.valid),
-                             "cat_columns": data.cats, "cont_columns": data.conts,
-                             "external": cfg.external_dir is not None})
+        if rank0:
+            tracking.log_params({**asdict(cfg), "n_train": len(data.train), "n_valid": len(data.valid),
+                                 "cat_columns": data.cats, "cont_columns": data.conts,
+                                 "external": cfg.external_dir is not None,
+                                 "world_size": distributed.current().world_size})
         plots: list[Path | None] = []
         if cfg.lr == "auto":
             log.info("running the lr finder")
-            finder = find_lr(cfg, data)
-            lr = float(finder.suggestion)
-            plots.append(finder.plot(tmp / "lr_finder.png"))
-            tracking.log_metrics({"lr_suggested": lr})
-            log.info("lr finder suggests %.3g (%s)", lr, finder.method)
+            finder = find_lr(cfg, data) if rank0 else None
+            lr = float(distributed.broadcast_object(finder.suggestion if finder else None))
+            if finder is not None:
+                plots.append(finder.plot(tmp / "lr_finder.png"))
+                tracking.log_metrics({"lr_suggested": lr})
+                log.info("lr finder suggests %.3g (%s)", lr, finder.method)
         else:
             lr = float(cfg.lr)
         torch.manual_seed(cfg.seed)
@@ -238,18 +251,21 @@ def train_rossmann(cfg: RossmannConfig) -> dict[str, Any]:
         log.info("training %s for %d epochs, lr %.3g, batch %d", type(model).__name__, cfg.epochs, lr,
                  cfg.batch_size)
         trainer = Trainer(model, metrics={"rmspe": _rmspe_metric}, lr=lr, wd=cfg.wd, batch_size=cfg.batch_size,
-                          seed=cfg.seed, quiet=cfg.quiet,
-                          callbacks=[tracking.MLflowEpochLogger(),
+                          seed=cfg.seed, quiet=cfg.quiet or not rank0,
+                          callbacks=[*([tracking.MLflowEpochLogger()] if rank0 else []),
                                      EarlyStopping(monitor="rmspe", mode="min", patience=max(2, cfg.epochs))])
         t_fit = time.perf_counter()
         history = trainer.fit(data.train, data.valid, epochs=cfg.epochs)
         train_seconds = time.perf_counter() - t_fit
+        if not rank0:
+            return None
         pred = trainer.predict(data.valid.xs).numpy()
         y_va = data.valid.y.numpy()
         metrics: dict[str, Any] = {"valid_rmspe": _log_rmspe(y_va, pred), "train_seconds": train_seconds,
                                    "seconds_per_epoch": train_seconds / max(1, len(history)), "lr": lr}
         log.info("valid RMSPE %.4f after %.0f s; running forest checks", metrics["valid_rmspe"], train_seconds)
         checks = run_forest_checks(cfg, data, model, tmp)
+        spread_tensors, uncertainty = spread_forest(cfg, data, pred)
         metrics.update(checks["metrics"])
         tracking.log_metrics(metrics)
         tracking.log_json(checks["report"], "checks/forest.json")
@@ -270,11 +286,12 @@ def train_rossmann(cfg: RossmannConfig) -> dict[str, Any]:
             "y_range": list(model.config()["y_range"]),
             "metrics": {k: float(v) for k, v in metrics.items()},
             "data_fingerprint": fingerprint, "training": asdict(cfg), "run_id": run.info.run_id,
+            "uncertainty": uncertainty,
         }
         log.info("forest baseline RMSPE %.4f, adversarial AUC %.3f; logging the model",
                  metrics["rf_valid_rmspe"], metrics["adversarial_auc"])
         bundle_dir = save_bundle(tmp / "bundle", kind="tabular", model=model, meta=meta, features=data.pipeline,
-                                 extra_tensors=drift_sample(data.train, cfg.seed))
+                                 extra_tensors={**drift_sample(data.train, cfg.seed), **spread_tensors})
         example = data.raw_valid.head(5).copy()
         example["Date"] = example["Date"].dt.strftime("%Y-%m-%d")
         example["Open"] = example["Open"].astype("float64")  # test.csv has missing Open values
@@ -296,6 +313,27 @@ def drift_sample(train: TensorData, seed: int, n: int = 5000) -> dict[str, torch
     rng = np.random.default_rng(seed)
     idx = torch.from_numpy(np.sort(rng.choice(len(train), size=min(n, len(train)), replace=False)))
     return {"drift_x_cat": train.xs[0][idx], "drift_x_cont": train.xs[1][idx]}
+
+
+def spread_forest(cfg: RossmannConfig, data: PreparedData,
+                  valid_pred: np.ndarray) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """A node-capped forest on the processed training features, as plain arrays for the bundle
+    (`score --uncertainty`: spread = std of its trees' predictions of log(Sales)), and its
+    description, with the model's validation RMSE (log scale) per spread bin."""
+    if cfg.spread_trees < 1:
+        return {}, None
+    from modeling.forest import fit_spread_forest
+
+    fcfg = ForestConfig(n_estimators=cfg.spread_trees, max_leaf_nodes=cfg.spread_leaves,
+                        max_rows=cfg.forest_rows, seed=cfg.seed)
+    sf = fit_spread_forest(_codes_frame(data.train, data.processor), data.train.y.numpy(), fcfg)
+    _, spread_va = sf.arrays.spread(_codes_frame(data.valid, data.processor).to_numpy(np.float32))
+    info = {**sf.info(), "target": "log(Sales)",
+            "spread": "std over the trees of their predictions of log(Sales); 0 where a zero_when rule applies",
+            "valid_bins": error_by_confidence(spread_va, data.valid.y.numpy(), valid_pred)}
+    log.info("spread forest: %d trees, %d nodes (%.2f MB) in %.1f s", sf.arrays.n_trees, sf.arrays.n_nodes,
+             sf.arrays.nbytes / 1e6, sf.train_seconds)
+    return {k: torch.from_numpy(v) for k, v in sf.arrays.to_arrays().items()}, info
 
 
 def _embedding_maps(model: TabularModel, data: PreparedData, tmp: Path) -> list[Path]:

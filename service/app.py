@@ -21,7 +21,7 @@ import pandas as pd
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -58,11 +58,13 @@ log = logging.getLogger("tabrec.service")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
-    for code, text in [(401, "API key missing"), (403, "API key wrong"), (404, "unknown model or item"),
+    for code, text in [(400, "malformed JSON body or Content-Length"), (401, "API key missing"), (403, "API key wrong"), (404, "unknown model or item"),
                        (413, "too many records or body too large"), (422, "invalid input"),
                        (503, "model not loaded yet")]
 }
 RECORD_CONTAINERS = {"records", "dataframe_records", "instances", "inputs", "data"}
+BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's 400 detail
+INLINE_RECORDS = 256  # requests up to this many records are scored on the event loop
 
 
 def _version() -> str:
@@ -75,7 +77,7 @@ def _version() -> str:
 
 
 # ---------------------------------------------------------------- dependencies
-def get_registry(request: Request) -> ModelRegistry:
+async def get_registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
@@ -101,35 +103,29 @@ def check_count(n: int, settings: Settings) -> None:
                                  "(TABREC_MAX_RECORDS)")
 
 
+async def predict_records(request: Request, model: LoadedModel,
+                          make_frame: Callable[[], pd.DataFrame], n: int) -> list[float | None]:
+    """Build the frame and predict: inline on the event loop for small requests (a thread hop
+    costs more than the work), in the threadpool for large ones so they do not stall the loop."""
+    def work() -> list[float | None]:
+        return predict_frame(request, model, make_frame())
+
+    if n <= INLINE_RECORDS:
+        return work()
+    return await anyio.to_thread.run_sync(work)
+
+
 def predict_frame(request: Request, model: LoadedModel, df: pd.DataFrame) -> list[float | None]:
-    """One vectorized predict call; non-finite outputs become null so the JSON stays valid."""
-    fields = model.predictor.input_fields
-    out_of_range = overflow_items(df, fields)
-    if out_of_range:  # numpy would silently wrap these to other integers
-        raise InputError(out_of_range)
-    try:
-        raw = model.predictor.predict(df)
-    except OverflowError:  # belt and braces: always caused by an input value
-        raise InputError(overflow_items(df, fields) or [ErrorItem(msg="a numeric value is out of range")]) from None
+    """One vectorized predict call; non-finite outputs become null so the JSON stays valid.
+
+    Bad values (including integers beyond int64) are rejected by the model's input schema
+    with a RecordsError naming record and field (a 422)."""
+    raw = model.predictor.predict(df)
     preds = np.asarray(raw, dtype=np.float64).reshape(-1)
     request.app.state.metrics.records.labels(model.name).inc(len(preds))
     out = preds.astype(object)
     out[~np.isfinite(preds)] = None
     return out.tolist()
-
-
-def overflow_items(df: pd.DataFrame, fields: list[dict[str, Any]], limit: int = 10) -> list[ErrorItem]:
-    """Name the records whose integer fields do not fit in int64."""
-    items: list[ErrorItem] = []
-    for f in fields:
-        if f["type"] == "int" and f["name"] in df.columns:
-            col = df[f["name"]]
-            if col.dtype.kind in "biu":
-                continue
-            values = pd.to_numeric(col, errors="coerce").astype("float64").abs().to_numpy()
-            items += [ErrorItem(record=int(i), field=f["name"], msg="integer out of range")
-                      for i in np.flatnonzero(values >= 2.0**63)[:limit]]
-    return items
 
 
 ApiKey = Depends(require_api_key)
@@ -151,9 +147,10 @@ def readyz(registry: ModelRegistry = Depends(get_registry)) -> JSONResponse:
     return JSONResponse(body, status_code=200 if registry.ready else 503)
 
 
-@ops.get("/ping", summary="MLflow scoring-server health check (200 when ready)")
-def ping(registry: ModelRegistry = Depends(get_registry)) -> Response:
-    return Response("\n", status_code=200 if registry.ready else 503, media_type="text/plain")
+@ops.get("/ping", summary="MLflow scoring-server health check (200 when ready)", response_class=PlainTextResponse,
+         responses={503: {"description": "a model is not loaded yet", "content": {"text/plain": {}}}})
+def ping(registry: ModelRegistry = Depends(get_registry)) -> PlainTextResponse:
+    return PlainTextResponse("\n", status_code=200 if registry.ready else 503)
 
 
 @ops.get("/metrics", summary="Prometheus metrics", response_class=Response)
@@ -183,11 +180,11 @@ def get_model(request: Request, name: ModelName) -> ModelInfo:
 
 @v1.post("/models/{name}/predict", response_model=PredictResponse,
          summary="Predict from raw records (one vectorized call per request)")
-def predict(request: Request, body: PredictRequest, name: ModelName,
-            settings: Settings = Depends(get_settings)) -> JSONResponse:
+async def predict(request: Request, body: PredictRequest, name: ModelName,
+                  settings: Settings = Depends(get_settings)) -> JSONResponse:
     model = serving(request, name)
     check_count(len(body.records), settings)
-    preds = predict_frame(request, model, records_frame(body.records))
+    preds = await predict_records(request, model, lambda: records_frame(body.records), len(body.records))
     return JSONResponse({"model": name, "version": model.version, "predictions": preds})
 
 
@@ -229,7 +226,7 @@ mlflow_router = APIRouter(tags=["mlflow"], responses=ERRORS)
 
 @mlflow_router.post("/invocations", response_model=InvocationsResponse, dependencies=[ApiKey],
                     summary="MLflow scoring protocol (dataframe_split, dataframe_records, instances, inputs)")
-def invocations(
+async def invocations(
     request: Request,
     body: InvocationsRequest,
     settings: Settings = Depends(get_settings),
@@ -237,8 +234,9 @@ def invocations(
     x_model_name: str | None = Header(None, description="alternative to ?model="),
 ) -> JSONResponse:
     loaded = serving(request, choose_model(request, model or x_model_name))
-    df = invocation_frame(body, settings)
-    return JSONResponse({"predictions": predict_frame(request, loaded, df)})
+    n = invocation_count(body, settings)
+    preds = await predict_records(request, loaded, lambda: invocation_frame(body), n)
+    return JSONResponse({"predictions": preds})
 
 
 def choose_model(request: Request, chosen: str | None) -> str:
@@ -251,15 +249,23 @@ def choose_model(request: Request, chosen: str | None) -> str:
                          "or the X-Model-Name header", field="model")
 
 
-def invocation_frame(body: InvocationsRequest, settings: Settings) -> pd.DataFrame:
+def invocation_count(body: InvocationsRequest, settings: Settings) -> int:
+    """Records in an MLflow scoring request (413 over the limit)."""
     if body.dataframe_split is not None:
-        check_count(len(body.dataframe_split.data), settings)
+        n = len(body.dataframe_split.data)
+    else:
+        payload = next(p for p in (body.dataframe_records, body.instances, body.inputs) if p is not None)
+        n = max((len(v) for v in payload.values()), default=0) if isinstance(payload, dict) else len(payload)
+    check_count(n, settings)
+    return n
+
+
+def invocation_frame(body: InvocationsRequest) -> pd.DataFrame:
+    if body.dataframe_split is not None:
         return split_frame(body.dataframe_split)
     payload = next(p for p in (body.dataframe_records, body.instances, body.inputs) if p is not None)
     if isinstance(payload, dict):
-        check_count(max((len(v) for v in payload.values()), default=0), settings)
         return columns_frame(payload)
-    check_count(len(payload), settings)
     return records_frame(payload)
 
 
@@ -312,25 +318,26 @@ def v2_metadata_of(m: LoadedModel) -> V2ModelMetadata:
 
 @v2.post("/models/{name}/infer", response_model=V2InferResponse, dependencies=[ApiKey],
          summary="Columnar inference: one input tensor per column, shape [n] or [n, 1]")
-def v2_infer(request: Request, body: V2InferRequest, name: ModelName,
-             settings: Settings = Depends(get_settings)) -> JSONResponse:
-    return v2_infer_with(request, serving(request, name), body, settings)
+async def v2_infer(request: Request, body: V2InferRequest, name: ModelName,
+                   settings: Settings = Depends(get_settings)) -> JSONResponse:
+    return await v2_infer_with(request, serving(request, name), body, settings)
 
 
 @v2.post("/models/{name}/versions/{version}/infer", response_model=V2InferResponse, dependencies=[ApiKey],
          summary="Columnar inference on a given model version (404 unless it is the one serving)")
-def v2_version_infer(request: Request, body: V2InferRequest, name: ModelName, version: str,
-                     settings: Settings = Depends(get_settings)) -> JSONResponse:
-    return v2_infer_with(request, serving_version(request, name, version), body, settings)
+async def v2_version_infer(request: Request, body: V2InferRequest, name: ModelName, version: str,
+                           settings: Settings = Depends(get_settings)) -> JSONResponse:
+    return await v2_infer_with(request, serving_version(request, name, version), body, settings)
 
 
-def v2_infer_with(request: Request, m: LoadedModel, body: V2InferRequest, settings: Settings) -> JSONResponse:
+async def v2_infer_with(request: Request, m: LoadedModel, body: V2InferRequest, settings: Settings) -> JSONResponse:
     name = m.name
     wanted = {o.name for o in body.outputs or []} - {"prediction"}
     if wanted:
         raise InputError.one(f"unknown outputs {sorted(wanted)}; this model has 'prediction'", field="outputs")
-    check_count(max((t.shape[0] for t in body.inputs if t.shape), default=0), settings)
-    preds = predict_frame(request, m, tensors_frame(body.inputs))
+    n = max((t.shape[0] for t in body.inputs if t.shape), default=0)
+    check_count(n, settings)
+    preds = await predict_records(request, m, lambda: tensors_frame(body.inputs), n)
     out = {"name": "prediction", "shape": [len(preds)], "datatype": "FP64", "data": preds}
     return JSONResponse({"model_name": name, "model_version": m.version, "id": body.id, "outputs": [out]})
 
@@ -403,7 +410,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(request.url.path, exc.detail), status_code=exc.status_code,
+        detail = exc.detail
+        if exc.status_code == 400 and detail == BODY_PARSE_ERROR:  # FastAPI's own: e.g. not UTF-8
+            detail = [{"record": None, "field": "body", "msg": "malformed JSON: the body could not be decoded"}]
+        return JSONResponse(error_body(request.url.path, detail), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
 
@@ -466,7 +476,7 @@ async def _no_receive() -> Message:
 
 # ---------------------------------------------------------------- OpenAPI with the real inputs
 JSON_SCHEMA_FOR_TYPE: dict[str, dict[str, Any]] = {
-    "int": {"type": "integer"},
+    "int": {"type": "integer", "format": "int64"},  # larger integers are a 422
     "float": {"type": "number"},
     "bool": {"type": "boolean"},
     "str": {"type": "string"},

@@ -1,4 +1,7 @@
-"""API-key and admin-token checks as FastAPI dependencies (constant-time, keys never logged)."""
+"""API-key and admin-token checks as FastAPI dependencies (constant-time, keys never logged).
+
+The dependencies are `async def`: they never block, and FastAPI would otherwise run each
+sync dependency in its threadpool (a thread hop per dependency per request)."""
 
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ admin_scheme = APIKeyHeader(name="X-Admin-Token", auto_error=False,
                             description="Admin token (or `Authorization: Bearer <token>`).")
 
 
-def get_settings(request: Request) -> Settings:
-    """The settings the app was created with (dependency)."""
+async def get_settings(request: Request) -> Settings:
+    """The settings the app was created with (dependency; async, so no threadpool hop)."""
     return request.app.state.settings
 
 
@@ -35,7 +38,7 @@ def _presented(*values: str | None) -> list[str]:
     return [v for v in values if v]
 
 
-def require_api_key(
+async def require_api_key(
     settings: Settings = Depends(get_settings),
     bearer: HTTPAuthorizationCredentials | None = Security(bearer_scheme),
     api_key: str | None = Security(api_key_scheme),
@@ -51,7 +54,7 @@ def require_api_key(
         raise HTTPException(403, "invalid API key")
 
 
-def require_admin(
+async def require_admin(
     settings: Settings = Depends(get_settings),
     bearer: HTTPAuthorizationCredentials | None = Security(bearer_scheme),
     token: str | None = Security(admin_scheme),

@@ -285,9 +285,7 @@ def check_cells(df: pd.DataFrame, max_items: int = 10) -> None:
         else:
             continue
         for i in np.flatnonzero(bad)[:max_items]:
-            errors.append(ErrorItem(record=int(i), field=str(name),
-                                    msg=f"value {_short(col.iloc[i])} is not a finite number, string, "
-                                        "boolean or null"))
+            errors.append(ErrorItem(record=int(i), field=str(name), msg=_cell_message(col.iloc[i])))
     if errors:
         errors.sort(key=lambda e: (e.record or 0, e.field or ""))
         raise InputError(errors[:max_items])
@@ -307,6 +305,12 @@ def _bad_object_cells(col: pd.Series) -> np.ndarray:
     if is_float.any():
         bad[is_float] = np.isinf(col[is_float].to_numpy(dtype=np.float64))
     return bad
+
+
+def _cell_message(value: Any) -> str:
+    if isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_):
+        return f"integer {_short(value)} out of range (int64)"
+    return f"value {_short(value)} is not a finite number, string, boolean or null"
 
 
 def _short(value: Any, limit: int = 60) -> str:

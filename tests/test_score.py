@@ -125,7 +125,8 @@ def test_small_chunks_keep_stores_whole_and_match_one_pass(store, bundles, tmp_p
     a = pq.read_table(tmp_path / "one.parquet").to_pandas().set_index("Id")["prediction"]
     b = pq.read_table(tmp_path / "many.parquet").to_pandas().set_index("Id")["prediction"]
     assert len(b) == len(test) and b.index.is_unique
-    np.testing.assert_allclose(b.loc[a.index].to_numpy(), a.to_numpy(), rtol=1e-6)
+    # float32 matmuls block differently for other batch sizes: ~1e-7 in log sales, so 1e-5 here
+    np.testing.assert_allclose(b.loc[a.index].to_numpy(), a.to_numpy(), rtol=1e-5)
     # cutting rows blindly (not by store) changes the event features, so the bucketing matters
     pred = load_predictor(bundles["rossmann"])
     naive = np.concatenate([pred.predict(test.iloc[i : i + 100]) for i in range(0, len(test), 100)])
@@ -232,19 +233,65 @@ def test_recommend_rejects_a_tabular_model(store, bundles, tmp_path):
 # ---------------------------------------------------------------------------- drift
 
 
-def test_drift_fails_before_writing_on_a_future_batch_and_passes_on_training_rows(store, bundles, tmp_path):
+def test_future_batch_from_the_same_generator_does_not_alarm(store, bundles, tmp_path, caplog):
+    """test.csv holds the 48 days after training: the event-window and calendar columns differ there
+    by construction (Before* caps at the batch end), so they are left out and the AUC stays low."""
     out = tmp_path / "pred.parquet"
-    with pytest.raises(DriftError, match="adversarial AUC"):
-        score_file(bundles["rossmann"], _test_csv(store), out, quiet=True, fail_on_drift=True,
-                   max_drift_auc=0.8)
-    _assert_failed_cleanly(out)
-    assert [r.info.status for r in _runs(out)] == ["FAILED"]
-    # rows from the training period look like the training sample: AUC well under the threshold
+    with caplog.at_level("INFO", logger="tabrec.score"):
+        res = score_file(bundles["rossmann"], _test_csv(store), out, quiet=True, fail_on_drift=True,
+                         max_drift_auc=0.8)
+    drift = res["drift"]
+    assert drift["checked"] and drift["auc"] < 0.7 and not drift["exceeded"]
+    assert {"BeforeSchoolHoliday", "BeforeStateHoliday", "BeforePromo", "AfterSchoolHoliday", "SchoolHoliday_fw",
+            "Promo_fw", "StateHoliday_bw", "AfterPromo", "Promo_bw", "Year", "Week", "Day",
+            "CompetitionMonthsOpen", "Promo2Weeks", "Promo2Active"} <= set(drift["excluded_columns"])
+    assert {"Store", "Dayofweek", "Promo", "SchoolHoliday", "StateHoliday", "StoreType",
+            "CompetitionDistance"} <= set(drift["compared_columns"])
+    assert not set(drift["compared_columns"]) & set(drift["excluded_columns"])
+    assert "comparing" in caplog.text and "separating batch from training" in caplog.text
+    # the first six weeks alone, as Parquet
+    six = tmp_path / "six_weeks.parquet"
+    test = pd.read_csv(_test_csv(store))
+    days = pd.to_datetime(test["Date"])
+    test[days < days.min() + pd.Timedelta(days=42)].to_parquet(six, index=False)
+    res = score_file(bundles["rossmann"], six, tmp_path / "six.out.parquet", quiet=True, fail_on_drift=True,
+                     track=False)
+    assert res["drift"]["checked"] and res["drift"]["auc"] < 0.7
+    # rows from the training period look like the training sample
     res = score_file(bundles["rossmann"], store["rossmann_data"]["train.csv"], out, quiet=True,
                      fail_on_drift=True, max_drift_auc=0.8, batch_rows=1000)
     assert res["drift"]["checked"] and res["drift"]["auc"] < 0.7 and res["chunk_mode"] == "buckets"
     run = MlflowClient().get_run(res["run_id"])
     assert run.data.metrics["drift_auc"] == pytest.approx(res["drift"]["auc"])
+
+
+@pytest.mark.parametrize("shift", ["school_holiday_flipped", "new_store_ids"])
+def test_drift_fails_before_writing_on_a_real_shift(store, bundles, tmp_path, shift):
+    test = pd.read_csv(_test_csv(store))
+    if shift == "school_holiday_flipped":  # a broken holiday feed (0/1 swapped)
+        test["SchoolHoliday"] = 1 - test["SchoolHoliday"]
+    else:  # every store renumbered: none is known to the model
+        test["Store"] = test["Store"] + 1000
+    src = tmp_path / "in" / "batch.parquet"
+    src.parent.mkdir()
+    test.to_parquet(src, index=False)
+    out = tmp_path / "out" / "pred.parquet"
+    with pytest.raises(DriftError, match="adversarial AUC") as err:
+        score_file(bundles["rossmann"], src, out, quiet=True, fail_on_drift=True, max_drift_auc=0.8)
+    assert ("SchoolHoliday" if shift == "school_holiday_flipped" else "Store") in str(err.value)
+    _assert_failed_cleanly(out)
+    assert [r.info.status for r in _runs(out)] == ["FAILED"]
+
+
+def test_a_batch_of_some_stores_is_compared_with_those_stores_training_rows(store, bundles, tmp_path):
+    test = pd.read_csv(_test_csv(store))
+    src = tmp_path / "some_stores.parquet"
+    test[test["Store"] <= 6].to_parquet(src, index=False)
+    res = score_file(bundles["rossmann"], src, tmp_path / "p.parquet", quiet=True, track=False,
+                     fail_on_drift=True)
+    drift = res["drift"]
+    assert drift["reference"]["narrowed_to"] == "Store" and drift["reference"]["groups"] == 6
+    assert drift["reference"]["groups_in_training_sample"] == 12 and drift["auc"] < 0.7
 
 
 def test_drift_check_is_skipped_without_a_training_sample(store, bundles, tmp_path, caplog):
@@ -373,11 +420,6 @@ def test_leftovers_of_a_crashed_run_are_removed(store, bundles, tmp_path):
     (tmp_path / ".unrelated.tmp").write_text("keep")
     score_file(bundles["rossmann"], _test_csv(store), out, quiet=True, track=False)
     assert _hidden(tmp_path) == [".unrelated.tmp"]
-
-
-def test_uncertainty_is_refused_not_ignored(store, bundles, tmp_path):
-    with pytest.raises(DataError, match="uncertainty"):
-        score_file(bundles["rossmann"], _test_csv(store), tmp_path / "p.parquet", uncertainty=True)
 
 
 def test_airflow_dag_example_imports_with_or_without_airflow():

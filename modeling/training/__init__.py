@@ -1,6 +1,7 @@
-"""Training engine: TensorData, Trainer/fit, schedules, AdamW with discriminative lrs, lr finder."""
+"""Training engine: TensorData, Trainer/fit, schedules, AdamW with discriminative lrs, lr finder,
+DistributedDataParallel under torchrun (`distributed`)."""
 
-from modeling.training import callbacks
+from modeling.training import callbacks, distributed
 from modeling.training.callbacks import Callback, EarlyStopping, History, ProgressBar
 from modeling.training.data import TensorData, batches
 from modeling.training.lr_finder import LRFinderResult, lr_find
@@ -19,6 +20,7 @@ __all__ = [
     "Trainer",
     "batches",
     "callbacks",
+    "distributed",
     "fit",
     "freeze",
     "lr_find",

@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modeling.training import distributed
 from modeling.training.callbacks import Callback, History, ProgressBar
 from modeling.training.data import TensorData, batches
 from modeling.training.optim import make_optimizer, model_groups, resolve_lrs
@@ -54,6 +56,14 @@ class Trainer:
     torch generators and the batch permutation at each fit, so CPU runs are reproducible.
     Per-batch work is kept to the minimum a hand-written loop does: the training loss is summed
     on the device (one sync per epoch), and on_batch_end callbacks only run when overridden.
+
+    Inside an initialized torch.distributed process group (see `modeling.training.distributed`)
+    `fit` trains with DistributedDataParallel: `batch_size` stays the global batch, each rank
+    takes its 1/world_size of every global batch of the same seeded permutation, gradients are
+    averaged, BatchNorm becomes SyncBatchNorm on CUDA (per-rank statistics on CPU), validation
+    runs on rank 0 and its logs are broadcast so callbacks (early stopping) decide identically,
+    a stop request takes effect at the end of an epoch, and after fit every rank holds rank 0's
+    weights. Outside a process group nothing of this runs.
     """
 
     def __init__(
@@ -100,6 +110,7 @@ class Trainer:
         self.total_steps = 0
         self.epochs = 0
         self.step = 0
+        self._ddp: nn.Module | None = None
 
     # ------------------------------------------------------------------ helpers
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -126,14 +137,21 @@ class Trainer:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
         if len(train) < 2:
             raise ValueError(f"training set has {len(train)} rows; need at least 2")
-        seed_torch(self.seed, self.device)
+        world = distributed.current()
+        # Same batch permutation on every rank; dropout etc. draw from a per-rank stream.
+        seed_torch(self.seed + world.rank, self.device)
         gen = torch.Generator().manual_seed(self.seed)
         train = train.to(self.device)
         valid = valid.to(self.device) if valid is not None else None
         n, bs = len(train), self.batch_size
         # A trailing 1-row batch breaks BatchNorm in train mode; drop it (it changes nothing else).
         drop_last = n > bs and n % bs == 1
-        steps_per_epoch = n // bs if drop_last else math.ceil(n / bs)
+        if world.initialized:
+            steps_per_epoch = distributed.sharded_steps(n, bs, world.world_size)
+            if steps_per_epoch == 0:
+                raise ValueError(f"training set has {n} rows; too few for {world.world_size} processes")
+        else:
+            steps_per_epoch = n // bs if drop_last else math.ceil(n / bs)
         self.total_steps = steps_per_epoch * epochs
         self.epochs = epochs
         self.opt = make_optimizer(self.model, self.lr, wd=self.wd, betas=self.betas)
@@ -148,34 +166,54 @@ class Trainer:
         batch_cbs = [cb for cb in self.callbacks if cb.wants_batch_end]
         self.stop_training = False
         self.step = 0
+        sync_bn: dict[str, type[nn.Module]] = {}
+        if world.initialized:
+            if self.device.type == "cuda":
+                sync_bn = distributed.convert_sync_batchnorm(self.model)
+            device_ids = [self.device.index or torch.cuda.current_device()] if self.device.type == "cuda" else None
+            self._ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         self._call("on_fit_begin")
         try:
             for epoch in range(epochs):
                 self._call("on_epoch_begin", epoch)
                 t0 = time.perf_counter()
-                train_loss = self._train_epoch(train, gen, drop_last, batch_cbs)
+                if world.initialized:
+                    order = distributed.sharded_batches(n, bs, world.rank, world.world_size, gen, self.device)
+                else:
+                    order = batches(n, bs, gen, True, self.device, drop_last)
+                train_loss = self._train_epoch(train, order, batch_cbs)
                 logs: dict[str, float] = {"epoch": epoch, "train_loss": train_loss}
                 if valid is not None:
-                    logs.update(self.evaluate(valid))
+                    if world.initialized:
+                        logs.update(distributed.broadcast_object(self.evaluate(valid) if world.is_main else None))
+                    else:
+                        logs.update(self.evaluate(valid))
                 logs["lr"] = float(self.opt.param_groups[-1]["lr"])
                 logs["seconds"] = time.perf_counter() - t0
                 self._call("on_epoch_end", epoch, logs)
+                if world.initialized:  # rank 0 decides, so no rank trains on alone (deadlock)
+                    self.stop_training = bool(distributed.broadcast_object(self.stop_training))
                 if self.stop_training:
                     break
         finally:
             self._call("on_fit_end")
+            self._ddp = None
+            distributed.revert_sync_batchnorm(self.model, sync_bn)
+        if world.initialized:  # e.g. BatchNorm running stats differ per rank: keep rank 0's
+            for t in self.model.state_dict().values():
+                dist.broadcast(t, src=0)
         return self.history
 
-    def _train_epoch(
-        self, data: TensorData, gen: torch.Generator, drop_last: bool, batch_cbs: list[Callback]
-    ) -> float:
+    def _train_epoch(self, data: TensorData, order: Iterator[Tensor], batch_cbs: list[Callback]) -> float:
+        """One pass over the index batches of `order`; returns the mean training loss (over all ranks)."""
         assert self.opt is not None
-        model, opt, loss_fn, xs, y = self.model, self.opt, self.loss_fn, data.xs, data.y
+        model = self._ddp if self._ddp is not None else self.model
+        opt, loss_fn, xs, y = self.opt, self.loss_fn, data.xs, data.y
         model.train()
         loss_sum = torch.zeros((), device=self.device)
         rows = 0
         params = [p for g in opt.param_groups for p in g["params"]]
-        for idx in batches(len(data), self.batch_size, gen, True, self.device, drop_last):
+        for idx in order:
             self._apply_schedule(self.step)
             with self._autocast():
                 out = model(*(x[idx] for x in xs))
@@ -192,8 +230,12 @@ class Trainer:
                 if (self.step + 1) % cb.batch_end_every == 0:
                     cb.on_batch_end(self, self.step, float(loss.detach()))
             self.step += 1
-            if self.stop_training:
+            if self.stop_training and self._ddp is None:  # under DDP only at the epoch end
                 break
+        if self._ddp is not None:
+            total = torch.stack([loss_sum, torch.tensor(float(rows), device=self.device)])
+            dist.all_reduce(total)
+            loss_sum, rows = total[0], int(total[1])
         return float(loss_sum) / max(rows, 1)
 
     # ------------------------------------------------------------------ inference
