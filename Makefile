@@ -38,6 +38,7 @@ test-all: test test-slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py

@@ -91,7 +91,7 @@ def train_rossmann_bundle(root: Path, stores: int, seed: int) -> tuple[str, pd.D
 
     files = write_rossmann(root / "rossmann", stores=stores, days=240, seed=seed)
     res = train_rossmann(RossmannConfig(train=str(files["train.csv"]), store=str(files["store.csv"]),
-                                        epochs=1, lr="3e-3", batch_size=1024, seed=seed, quiet=True,
+                                        epochs=1, lr="3e-3", batch_size=1024, seed=seed, quiet=True, layers=(1000, 500),
                                         experiment="bench-rossmann", forest_rows=2000, forest_trees=5))
     return str(resolve_bundle_dir(res["model_uri"])), pd.read_csv(files["test.csv"])
 

@@ -5,8 +5,8 @@ split, same run: their ratio), adversarial AUC, seconds per epoch, peak RSS, and
 floor measured in the same run: this machine's fp32 matmul GFLOP/s times the model's training
 FLOPs per epoch (forward + backward ~ 3x the forward multiply-adds x 2), with our ratio to it.
 
-    python benchmarks/rossmann_quality.py --data ../shared/data/rossmann [--no-external]
-        [--layers 1000,500] [--batch-size 512] [--epochs 5] [--lr auto]
+    python benchmarks/rossmann_quality.py --data ../shared/data/rossmann [--no-external] [--trends]
+        [--layers 500,250] [--batch-size 512] [--epochs 4] [--lr auto]
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/rossmann"))
     parser.add_argument("--no-external", action="store_true")
-    parser.add_argument("--layers", default="1000,500")
+    parser.add_argument("--trends", action="store_true", help="also feed the Google Trends columns")
+    parser.add_argument("--layers", default="500,250")
     parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--lr", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -56,7 +57,7 @@ def main() -> None:
     data = Path(args.data)
     layers = tuple(int(x) for x in args.layers.split(",") if x)
     cfg = RossmannConfig(train=str(data / "train.csv"), store=str(data / "store.csv"),
-                         external_dir=None if args.no_external else str(data / "external"),
+                         external_dir=None if args.no_external else str(data / "external"), trends=args.trends,
                          layers=layers, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
                          seed=args.seed, quiet=True)
     gflops = matmul_gflops()
@@ -74,7 +75,8 @@ def main() -> None:
     m = res["metrics"]
     floor = flops_row * n_train / (gflops * 1e9)
     print(json.dumps({
-        "benchmark": "rossmann_quality", "external": not args.no_external, "layers": list(layers),
+        "benchmark": "rossmann_quality", "external": not args.no_external, "trends": args.trends,
+        "layers": list(layers),
         "batch_size": args.batch_size, "epochs": args.epochs, "lr": m["lr"],
         "valid_rmspe": m["valid_rmspe"], "rf_valid_rmspe": m["rf_valid_rmspe"],
         "nn_vs_rf": m["valid_rmspe"] / m["rf_valid_rmspe"], "rf_oob_r2": m["rf_oob_r2"],

@@ -92,7 +92,7 @@ def train_models(root: Path) -> dict[str, Any]:
     ross = write_rossmann(root / "rossmann", stores=12, days=300, seed=0)
     rat = write_ratings(root / "ratings", users=200, items=300, ratings=10_000, seed=0)
     log("training rossmann (2 epochs) ...")
-    train_rossmann(RossmannConfig(train=str(ross["train.csv"]), store=str(ross["store.csv"]), epochs=2,
+    train_rossmann(RossmannConfig(train=str(ross["train.csv"]), store=str(ross["store.csv"]), epochs=2, layers=(1000, 500),
                                   lr="3e-3", register="rossmann", force=True, quiet=True,
                                   forest_rows=5_000, forest_trees=10))
     log("training ratings (3 epochs) ...")

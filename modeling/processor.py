@@ -101,8 +101,76 @@ def _factorize_canon(s: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return codes, _canon_index(pd.Index(uniques))
 
 
-def _lookup_codes(s: pd.Series, vocab_index: pd.Index) -> np.ndarray:
+_DENSE_SPAN = 1 << 20  # widest range of integer-looking vocabulary entries kept as a dense table
+_INT_TEXT = r"0|-?[1-9][0-9]{0,17}"  # canonical ints that surely fit int64
+
+
+def _int_table(vocab_index: pd.Index) -> tuple[int, np.ndarray] | None:
+    """(lowest value, code per value from it) for the vocabulary entries that are canonical ints.
+
+    Lets integer and integral-float columns skip factorize + string canonicalisation (the
+    costly part for small frames). None when those entries span too wide a range for a table.
+    """
+    text = pd.Series(vocab_index.to_numpy(dtype=object), dtype=object)
+    is_int = text.str.fullmatch(_INT_TEXT).fillna(False).to_numpy(dtype=bool)
+    if not is_int.any():
+        return 0, np.zeros(0, dtype=np.int64)
+    values = text[is_int].astype(np.int64).to_numpy()
+    lo, hi = int(values.min()), int(values.max())
+    if hi - lo >= _DENSE_SPAN:
+        return None
+    table = np.zeros(hi - lo + 1, dtype=np.int64)
+    table[values - lo] = np.flatnonzero(is_int) + 1
+    return lo, table
+
+
+def _dense_codes(values: np.ndarray, int_table: tuple[int, np.ndarray]) -> np.ndarray:
+    lo, table = int_table
+    out = np.zeros(len(values), dtype=np.int64)
+    inside = (values >= lo) & (values < lo + len(table))
+    out[inside] = table[values[inside].astype(np.int64) - lo]
+    return out
+
+
+def _fast_codes(s: pd.Series, vocab_index: pd.Index, int_table: tuple[int, np.ndarray] | None) -> np.ndarray | None:
+    """Codes for plain numpy int/float/bool/str columns without canonicalising; None: general path.
+
+    Gives exactly what the general path gives: an integral float canonicalises like the int.
+    """
+    dtype = s.dtype
+    if not isinstance(dtype, np.dtype):
+        return None
+    if dtype.kind == "O":
+        values = s.to_numpy()
+        if ptypes.infer_dtype(values, skipna=False) != "string":
+            return None  # mixed, missing or non-string objects need canonicalising
+        return (vocab_index.get_indexer(values) + 1).astype(np.int64)  # a str is its own canonical form
+    if dtype.kind == "b":
+        pair = vocab_index.get_indexer(pd.Index(["False", "True"], dtype=object)) + 1
+        return pair.astype(np.int64)[s.to_numpy().astype(np.int64)]
+    if int_table is None:
+        return None
+    if dtype.kind == "i" or (dtype.kind == "u" and dtype.itemsize < 8):
+        return _dense_codes(s.to_numpy().astype(np.int64, copy=False), int_table)
+    if dtype.kind == "f":
+        x = s.to_numpy()
+        missing = np.isnan(x)
+        if not np.all(missing | ((x == np.floor(x)) & (np.abs(x) < _INT64_LIMIT))):
+            return None  # fractional or infinite values canonicalise as float strings
+        codes = _dense_codes(np.where(missing, 0, x).astype(np.int64), int_table)
+        codes[missing] = 0
+        return codes
+    return None
+
+
+def _lookup_codes(s: pd.Series, vocab_index: pd.Index, int_table: tuple[int, np.ndarray] | None = None) -> np.ndarray:
     """Vectorised value -> code; code = vocab position + 1, 0 for unseen or missing."""
+    fast = _fast_codes(s, vocab_index, int_table)
+    return fast if fast is not None else _general_codes(s, vocab_index)
+
+
+def _general_codes(s: pd.Series, vocab_index: pd.Index) -> np.ndarray:
+    """Any dtype: factorize, canonicalise the uniques, look them up."""
     row_pos, canon = _factorize_canon(s)
     found = vocab_index.get_indexer(pd.Index(canon, dtype=object)) + 1
     found[pd.isna(canon)] = 0
@@ -184,6 +252,7 @@ class TabularProcessor:
         self.stds: dict[str, float] = {}
         self._fitted = False
         self._index: dict[str, pd.Index] = {}
+        self._int_tables: dict[str, tuple[int, np.ndarray] | None] = {}
 
     def _check_names(self) -> None:
         """A column may be both categorical and continuous, but not listed twice in one role."""
@@ -221,6 +290,7 @@ class TabularProcessor:
 
     def _rebuild_index(self) -> None:
         self._index = {c: pd.Index(v, dtype=object) for c, v in self.vocab.items()}
+        self._int_tables = {c: _int_table(ix) for c, ix in self._index.items()}
 
     # ---- fit / transform
 
@@ -258,7 +328,7 @@ class TabularProcessor:
         x_cat = np.zeros((n, len(self.cat_names_out)), dtype=np.int64)
         x_cont = np.zeros((n, len(self.cont_names)), dtype=np.float32)
         for j, c in enumerate(self.cat_names):
-            x_cat[:, j] = _lookup_codes(df[c], self._index[c])
+            x_cat[:, j] = _lookup_codes(df[c], self._index[c], self._int_tables[c])
         na_pos = {c: len(self.cat_names) + i for i, c in enumerate(self.na_cols)}
         for j, c in enumerate(self.cont_names):
             x = _finite_or_nan(_to_float(df[c], c))

@@ -240,10 +240,13 @@ def train_rossmann_cmd(
     train: Annotated[str, typer.Option(help="Kaggle train.csv (.csv, .csv.gz or .parquet).")],
     store: Annotated[str, typer.Option(help="Kaggle store.csv.")],
     external_dir: Annotated[str | None, typer.Option(help="Folder with store_states.csv, weather/, googletrend/.")] = None,
+    trends: Annotated[bool, typer.Option(help="Use the Google Trends columns as inputs (off: they drift with time).")] = False,
     valid_days: Annotated[int, typer.Option(min=1, help="Last N days of train.csv are the validation set.")] = 42,
-    epochs: Annotated[int, typer.Option(min=1)] = 5,
+    epochs: Annotated[int, typer.Option(min=1)] = 4,
     lr: Annotated[str, typer.Option(help="'auto' (lr finder) or a number")] = "auto",
     batch_size: Annotated[int, typer.Option(min=2)] = 512,
+    layers: Annotated[str, typer.Option(help="Hidden layer sizes, comma-separated.")] = "500,250",
+    wd: Annotated[float, typer.Option(min=0.0, help="AdamW decoupled weight decay.")] = 0.2,
     seed: SeedOpt = 0,
     experiment: Annotated[str, typer.Option()] = "rossmann",
     register: Annotated[str | None, typer.Option(help="Register as this model name.")] = None,
@@ -255,10 +258,22 @@ def train_rossmann_cmd(
     """Train the entity-embedding TabularModel on Rossmann data, with forest checks."""
     from pipelines.train_rossmann import RossmannConfig, train_rossmann
 
-    cfg = dict(train=train, store=store, external_dir=external_dir, valid_days=valid_days, epochs=epochs,
-               lr=lr, batch_size=batch_size, seed=seed, experiment=experiment, register=register,
-               force=force, quiet=quiet)
+    cfg = dict(train=train, store=store, external_dir=external_dir, trends=trends, valid_days=valid_days, epochs=epochs,
+               lr=lr, batch_size=batch_size, layers=_parse_layers(layers), wd=wd, seed=seed,
+               experiment=experiment, register=register, force=force, quiet=quiet)
     _run_train(ctx, lambda: train_rossmann(RossmannConfig(**cfg)), as_json, quiet, nproc)
+
+
+def _parse_layers(text: str) -> tuple[int, ...]:
+    """'500,250' -> (500, 250); a usage error (exit 2) that names the option otherwise."""
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated positive integers, got {text!r}",
+                                 param_hint="--layers") from None
+    if not sizes or min(sizes) < 1:
+        raise typer.BadParameter(f"expected comma-separated positive integers, got {text!r}", param_hint="--layers")
+    return sizes
 
 
 # ---------------------------------------------------------------- lr-find
@@ -267,8 +282,11 @@ def lr_find_rossmann(
     train: Annotated[str, typer.Option()],
     store: Annotated[str, typer.Option()],
     external_dir: Annotated[str | None, typer.Option()] = None,
+    trends: Annotated[bool, typer.Option(help="Use the Google Trends columns as inputs.")] = False,
     valid_days: Annotated[int, typer.Option(min=1)] = 42,
     batch_size: Annotated[int, typer.Option(min=2)] = 512,
+    layers: Annotated[str, typer.Option(help="Hidden layer sizes, comma-separated.")] = "500,250",
+    wd: Annotated[float, typer.Option(min=0.0)] = 0.2,
     seed: SeedOpt = 0,
     plot: Annotated[Path | None, typer.Option(help="Write the loss-vs-lr plot here (PNG).")] = None,
     as_json: JsonOpt = False,
@@ -278,8 +296,9 @@ def lr_find_rossmann(
     from pipelines.train_rossmann import RossmannConfig, find_lr, prepare
 
     def body() -> dict[str, Any]:
-        cfg = RossmannConfig(train=train, store=store, external_dir=external_dir, valid_days=valid_days,
-                             batch_size=batch_size, seed=seed, quiet=quiet)
+        cfg = RossmannConfig(train=train, store=store, external_dir=external_dir, trends=trends,
+                             valid_days=valid_days, batch_size=batch_size, layers=_parse_layers(layers), wd=wd, seed=seed,
+                             quiet=quiet)
         return _finder_result(find_lr(cfg, prepare(cfg)), plot)
 
     _run(body, as_json, quiet)

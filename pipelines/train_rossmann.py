@@ -57,11 +57,12 @@ class RossmannConfig:
     train: str
     store: str
     external_dir: str | None = None
+    trends: bool = False  # Google Trends columns as model inputs (joined either way; they drift with time)
     valid_days: int = 42
-    epochs: int = 5
+    epochs: int = 4
     lr: str = "auto"
     batch_size: int = 512
-    layers: tuple[int, ...] = (1000, 500)
+    layers: tuple[int, ...] = (500, 250)
     ps: tuple[float, ...] = (0.001, 0.01)
     embed_p: float = 0.04
     wd: float = 0.2
@@ -129,7 +130,7 @@ def prepare(cfg: RossmannConfig) -> PreparedData:
     tr_rows, va_rows = split_by_days(rows, cfg.valid_days)
     if len(tr_rows) == 0 or len(va_rows) == 0:
         raise DataError(f"{cfg.train}: --valid-days {cfg.valid_days} leaves an empty train or valid set")
-    cats, conts = feature_columns(external is not None)
+    cats, conts = feature_columns(external is not None, trends=cfg.trends)
     proc = TabularProcessor(cats, conts).fit(tr_rows)
     train = _tensors(proc, tr_rows)
     valid = _tensors(proc, va_rows)

@@ -183,3 +183,14 @@ def test_serving_schema_path_gives_the_same_features() -> None:
     via_schema = pipe.transform(input_schema().validate(records))
     via_pandera = features_for_request(pipe, records)
     pd.testing.assert_frame_equal(via_schema[cats + conts], via_pandera[cats + conts])
+
+
+def test_trend_columns_are_opt_in_model_inputs() -> None:
+    from pipelines.train_rossmann import RossmannConfig
+
+    cats, conts = feature_columns(external=True, trends=False)
+    with_trends = feature_columns(external=True)[1]
+    assert {"trend", "trend_DE"} <= set(with_trends) and not {"trend", "trend_DE"} & set(conts + cats)
+    assert "mean_temperature_c" in conts and "State" in cats
+    assert feature_columns(external=False, trends=True) == feature_columns(external=False)
+    assert RossmannConfig(train="t", store="s").trends is False

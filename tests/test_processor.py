@@ -214,3 +214,60 @@ def test_codes_are_consistent_with_canonical_values(values: list) -> None:
         for j in range(len(values)):
             if keys[i] is not None and keys[j] is not None:
                 assert (codes[i] == codes[j]) == (keys[i] == keys[j])
+
+
+# ---- the numeric fast path gives exactly the general path's codes
+
+_MIXED_VOCAB = ["1", "2", "5", "-3", "0", "01", "abc", "2.5", "True", "False", "99999999999999999999", "1e3", "-0"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(
+        st.one_of(st.integers(-10, 10), st.integers(-(2**63), 2**63 - 1)), min_size=1, max_size=30
+    ),
+    kind=st.sampled_from(["int64", "int32", "uint8", "float64", "float32", "float_nan", "bool"]),
+)
+def test_numeric_fast_path_matches_general_lookup(values, kind):
+    from modeling.processor import _general_codes, _int_table, _lookup_codes
+
+    index = pd.Index(_MIXED_VOCAB, dtype=object)
+    arr = np.asarray(values, dtype=object)
+    if kind == "bool":
+        s = pd.Series(np.asarray([v % 2 == 0 for v in values]))
+    elif kind == "uint8":
+        s = pd.Series(np.asarray([v % 256 for v in values], dtype=np.uint8))
+    elif kind == "int32":
+        s = pd.Series(np.asarray([v % 2**31 for v in values], dtype=np.int32))
+    elif kind.startswith("float"):
+        x = np.asarray(values, dtype=np.float64) / np.where(np.abs(arr.astype(float)) < 8, 2.0, 1.0)
+        if kind == "float_nan":
+            x[:: 3] = np.nan
+        s = pd.Series(x.astype(np.float32 if kind == "float32" else np.float64))
+    else:
+        s = pd.Series(np.asarray(values, dtype=np.int64))
+    want = _general_codes(s, index)
+    got = _lookup_codes(s, index, _int_table(index))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_integer_columns_use_the_dense_table_and_wide_vocabularies_fall_back():
+    from modeling.processor import _int_table
+
+    lo, table = _int_table(pd.Index(["7", "x", "3", "-2"], dtype=object))
+    assert lo == -2 and len(table) == 10 and table[7 + 2] == 1 and table[3 + 2] == 3 and table[0] == 4
+    assert _int_table(pd.Index(["0", str(2**40)], dtype=object)) is None  # too wide: general path
+    proc = TabularProcessor(["id"], []).fit(pd.DataFrame({"id": [0, 2**40, 5]}))
+    codes, _ = proc.transform(pd.DataFrame({"id": [5, 2**40, 6, 0]}))
+    assert codes[:, 0].tolist() == [3, 2, 0, 1]
+
+
+@settings(max_examples=100, deadline=None)
+@given(values=st.lists(st.one_of(st.sampled_from(["a", "b", "1", "True", "", "zz"]), st.none(), st.integers(0, 3),
+                                 st.floats(allow_nan=True)), min_size=1, max_size=20))
+def test_object_fast_path_matches_general_lookup(values):
+    from modeling.processor import _general_codes, _int_table, _lookup_codes
+
+    index = pd.Index(["a", "1", "True", "", "3", "nan"], dtype=object)
+    s = pd.Series(values, dtype=object)
+    np.testing.assert_array_equal(_lookup_codes(s, index, _int_table(index)), _general_codes(s, index))

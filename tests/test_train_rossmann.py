@@ -105,3 +105,32 @@ def test_cli_rejects_bad_train_file_with_exit_2_and_no_run(model_store, tmp_path
     assert json.loads(res.stdout.strip().splitlines()[-1])["exit_code"] == 2
     assert not db.exists() or not MlflowClient(f"sqlite:///{db}").search_experiments(
         filter_string="name = 'rossmann'")
+
+
+def _cli_train(data: dict, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
+    db = tmp_path / "m.db"
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{db}", "PATH": str(Path(sys.executable).parent)}
+    res = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "train", "rossmann", "--train", str(data["train.csv"]), "--store",
+         str(data["store.csv"]), "--json", "--quiet", *extra],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    return res, db
+
+
+@pytest.mark.parametrize("layers", ["500,x", "0,10", ""])
+def test_cli_rejects_bad_layers_with_exit_2_and_no_run(model_store, tmp_path, layers):
+    res, db = _cli_train(model_store["rossmann_data"], tmp_path, "--layers", layers)
+    assert res.returncode == 2, res.stderr
+    assert "--layers" in res.stderr
+    assert not db.exists() or not MlflowClient(f"sqlite:///{db}").search_experiments(
+        filter_string="name = 'rossmann'")
+
+
+def test_cli_layers_and_wd_reach_the_model_and_the_run(model_store, tmp_path):
+    res, db = _cli_train(model_store["rossmann_data"], tmp_path, "--layers", "24,12", "--wd", "0.05",
+                         "--epochs", "1", "--lr", "3e-3")
+    assert res.returncode == 0, res.stderr
+    run_id = json.loads(res.stdout.strip().splitlines()[-1])["run_id"]
+    params = MlflowClient(f"sqlite:///{db}").get_run(run_id).data.params
+    assert params["layers"] == "(24, 12)" and float(params["wd"]) == 0.05

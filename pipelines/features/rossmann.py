@@ -59,13 +59,19 @@ WEATHER_COLS = [
     "precipitation_mm",
 ]
 EXTERNAL_CAT_COLS = ["State", "events"]
-EXTERNAL_CONT_COLS = [*WEATHER_COLS, "trend", "trend_DE"]
+TREND_COLS = ["trend", "trend_DE"]
+EXTERNAL_CONT_COLS = [*WEATHER_COLS, *TREND_COLS]
 
 
-def feature_columns(external: bool) -> tuple[list[str], list[str]]:
-    """(categorical, continuous) model inputs, with or without the external tables."""
+def feature_columns(external: bool, trends: bool = True) -> tuple[list[str], list[str]]:
+    """(categorical, continuous) model inputs, with or without the external tables.
+
+    `trends=False` leaves out the Google Trends indices: they drift with time (validation weeks
+    sit above most of the training range), so models extrapolate from them (see docs/benchmarks.md).
+    """
     if external:
-        return CAT_COLS + EXTERNAL_CAT_COLS, CONT_COLS + EXTERNAL_CONT_COLS
+        conts = [c for c in EXTERNAL_CONT_COLS if trends or c not in TREND_COLS]
+        return CAT_COLS + EXTERNAL_CAT_COLS, CONT_COLS + conts
     return list(CAT_COLS), list(CONT_COLS)
 
 
