@@ -31,9 +31,10 @@ RATINGS = "models:/ratings@champion"
 MIN_JAVA = 17
 TRUTHY = ("1", "true", "yes", "on")
 # Same rows, same model, but Spark's batches hold other row sets than one pandas call, and a
-# float32 forward pass may round differently with the batch's shape: 1e-6 relative (a few
-# float32 ulps of the log-sale output, ~0.01 on a 7,000 sale). On this data it was exact.
-TOL = {"rtol": 1e-6, "atol": 1e-6}
+# float32 forward pass may round differently with the batch's shape. One float32 ulp of a log
+# sale near 9.3 is 9.5e-7, i.e. 9.5e-7 relative after exp (seen: 2 ulps, 1.9e-6); 1e-5 allows
+# ~10 ulps (~0.1 on a 10,000 sale) and still catches any real difference in features.
+TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
 def spark_required() -> bool:
