@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,37 @@ def use_model_store(model_store: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", model_store["tracking_uri"])
     mlflow.set_tracking_uri(model_store["tracking_uri"])
     return model_store
+
+
+@pytest.fixture(scope="module")
+def bundles(model_store: dict) -> dict[str, str]:
+    """Local directories of both registered bundles, so most tests skip the registry round trip."""
+    import mlflow
+
+    from modeling.bundle import resolve_bundle_dir
+
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = model_store["tracking_uri"]
+    mlflow.set_tracking_uri(model_store["tracking_uri"])
+    try:
+        return {"rossmann": str(resolve_bundle_dir("models:/rossmann@champion")),
+                "ratings": str(resolve_bundle_dir("models:/ratings@champion"))}
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture(scope="module")
+def module_store(model_store: dict) -> Iterator[dict]:
+    """The session's model store as the MLflow tracking URI (env and client) for a whole module."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", model_store["tracking_uri"])
+        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        mlflow.set_tracking_uri(model_store["tracking_uri"])
+        yield model_store
+    mlflow.set_tracking_uri(previous)

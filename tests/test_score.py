@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -21,7 +20,6 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from modeling.bundle import resolve_bundle_dir
 from modeling.errors import DataError
 from modeling.predictors import load_predictor
 from pipelines.score import (
@@ -36,21 +34,6 @@ from pipelines.score import (
 
 ROSS = "models:/rossmann@champion"
 RATINGS = "models:/ratings@champion"
-
-
-@pytest.fixture(scope="module")
-def bundles(model_store: dict) -> dict[str, str]:
-    """Local copies of both registered bundles, so most tests skip the registry round trip."""
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = model_store["tracking_uri"]
-    mlflow.set_tracking_uri(model_store["tracking_uri"])
-    try:
-        return {"rossmann": str(resolve_bundle_dir(ROSS)), "ratings": str(resolve_bundle_dir(RATINGS))}
-    finally:
-        if old is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old
 
 
 @pytest.fixture

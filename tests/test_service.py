@@ -39,15 +39,8 @@ def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def store(model_store: dict) -> Iterator[dict]:
-    """The session's model store as this module's MLflow tracking URI."""
-    previous = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", model_store["tracking_uri"])
-        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        mlflow.set_tracking_uri(model_store["tracking_uri"])
-        yield model_store
-    mlflow.set_tracking_uri(previous)
+def store(module_store: dict) -> dict:
+    return module_store
 
 
 @pytest.fixture(scope="module")

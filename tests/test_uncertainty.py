@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -16,27 +14,11 @@ import pytest
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from modeling.bundle import resolve_bundle_dir
 from modeling.errors import DataError
 from modeling.forest import error_by_confidence
 from modeling.forest_arrays import FIELDS
 from modeling.predictors import load_predictor
 from pipelines.score import score_file
-
-
-@pytest.fixture(scope="module")
-def bundles(model_store: dict) -> dict[str, str]:
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = model_store["tracking_uri"]
-    mlflow.set_tracking_uri(model_store["tracking_uri"])
-    try:
-        return {"rossmann": str(resolve_bundle_dir("models:/rossmann@champion")),
-                "ratings": str(resolve_bundle_dir("models:/ratings@champion"))}
-    finally:
-        if old is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old
 
 
 @pytest.fixture(scope="module")
