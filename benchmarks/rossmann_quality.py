@@ -52,7 +52,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from pipelines.train_rossmann import RossmannConfig, build_model, prepare, train_rossmann
+    from mlflow import MlflowClient
+
+    from modeling.predictors import load_predictor
+    from pipelines.train_rossmann import RossmannConfig, train_rossmann
 
     data = Path(args.data)
     layers = tuple(int(x) for x in args.layers.split(",") if x)
@@ -67,9 +70,9 @@ def main() -> None:
         os.chdir(tmp)
         try:
             res = train_rossmann(cfg)
-            prepared = prepare(cfg)
-            flops_row = train_flops_per_row(build_model(cfg, prepared))
-            n_train = len(prepared.train)
+            # the trained network and the row count come from the run itself (no second prepare)
+            flops_row = train_flops_per_row(load_predictor(res["model_uri"]).model)
+            n_train = int(MlflowClient().get_run(res["run_id"]).data.params["n_train"])
         finally:
             os.chdir(cwd)
     m = res["metrics"]

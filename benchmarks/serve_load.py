@@ -40,7 +40,6 @@ import atexit
 import datetime as dt
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -56,6 +55,9 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine_info import machine  # noqa: E402
 
 ROSSMANN_COLUMNS = ["Store", "DayOfWeek", "Date", "Open", "Promo", "StateHoliday", "SchoolHoliday"]
 STARTED: list[Server] = []
@@ -64,18 +66,6 @@ STARTED: list[Server] = []
 def log(msg: str) -> None:
     print(f"[serve_load] {msg}", file=sys.stderr, flush=True)
 
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
 
 
 def load_1m() -> float:
