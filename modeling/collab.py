@@ -266,6 +266,48 @@ def top_k(
     return idx, out_scores
 
 
+def csr_from_pairs(rows: np.ndarray, cols: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr, indices) of a CSR matrix with a 1 at each (row, col) pair, columns sorted per row."""
+    order = np.lexsort((cols, rows))
+    counts = np.bincount(rows, minlength=n_rows)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return indptr, cols[order].astype(np.int64)
+
+
+def csr_rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CSR rows `rows` of (indptr, indices), as a new CSR (vectorized gather, no per-row Python)."""
+    starts, ends = indptr[rows], indptr[rows + 1]
+    lengths = ends - starts
+    new_ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    gather = np.repeat(starts - new_ptr[:-1], lengths) + np.arange(new_ptr[-1])
+    return new_ptr, indices[gather]
+
+
+def top_k_for_users(
+    model: nn.Module,
+    users: np.ndarray,
+    k: int,
+    exclude: tuple[np.ndarray, np.ndarray] | None = None,
+    chunk: int = 2048,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best k items for each user code (all known, > 0): (indices [m, k], scores [m, k]).
+
+    Scores every item per chunk of users and takes the top k, skipping for user u the items of
+    CSR row u of `exclude` (e.g. the items seen in training); -1 / NaN pad short lists."""
+    users = np.asarray(users, dtype=np.int64)
+    idx = np.full((len(users), k), -1, dtype=np.int64)
+    sc = np.full((len(users), k), np.nan, dtype=np.float32)
+    for start in range(0, len(users), chunk):
+        part = users[start : start + chunk]
+        scores = score_all_items(model, torch.from_numpy(part))
+        if exclude is not None:
+            ptr, ind = csr_rows(exclude[0], exclude[1], part)
+            idx[start : start + len(part)], sc[start : start + len(part)] = top_k(scores, k, ptr, ind)
+        else:
+            idx[start : start + len(part)], sc[start : start + len(part)] = top_k(scores, k)
+    return idx, sc
+
+
 def item_factors(model: nn.Module) -> Tensor:
     """Item embedding matrix [n_items, d] (detached)."""
     if not isinstance(model, DotProductBias | EmbeddingNN):

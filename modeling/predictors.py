@@ -1,12 +1,13 @@
 """Predictors: a loaded bundle that turns raw records (not engineered features) into answers.
 
 One object serves batch scoring, the HTTP service and the MLflow pyfunc wrapper, so the
-feature pipeline that ran at training time is the one that runs at predict time.
+feature pipeline that ran at training time is the one that runs at predict time. Everything
+is read from the bundle's typed spec (`modeling.bundle`); callers never read bundle keys.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,11 +15,25 @@ import numpy as np
 import pandas as pd
 import torch
 
-from modeling.bundle import RawBundle, read_bundle
+from modeling.bundle import (
+    COLD_START_RANK,
+    COLD_START_SCORES,
+    DRIFT_X_CAT,
+    DRIFT_X_CONT,
+    FOREST_PREFIX,
+    SEEN_INDICES,
+    SEEN_INDPTR,
+    Bundle,
+    RatingsSpec,
+    TabularSpec,
+    load_bundle,
+)
 from modeling.errors import DataError
 from modeling.schema import InputSchema, canonical_strings
+from modeling.uri import ModelUri
 
 PREDICT_CHUNK = 65_536
+FeaturesSink = Callable[[pd.DataFrame, np.ndarray], None]
 
 
 @dataclass
@@ -35,12 +50,12 @@ class ModelSource:
 class Predictor:
     kind: str = ""
 
-    def __init__(self, raw: RawBundle, source: ModelSource | None = None) -> None:
-        self.raw = raw
-        self.doc = raw.doc
-        self.model = raw.model
-        self.source = source or ModelSource(uri=str(raw.path))
-        self.schema = InputSchema.from_dict(self.doc.get("inputs", []))
+    def __init__(self, bundle: Bundle, source: ModelSource | None = None) -> None:
+        self.bundle = bundle
+        self.spec = bundle.spec
+        self.model = bundle.model
+        self.source = source or ModelSource(uri=str(bundle.path))
+        self.schema: InputSchema = self.spec.inputs
 
     @property
     def input_fields(self) -> list[dict[str, Any]]:
@@ -48,39 +63,47 @@ class Predictor:
 
     @property
     def metrics(self) -> dict[str, float]:
-        return dict(self.doc.get("metrics", {}))
+        return dict(self.spec.metrics)
 
-    def predict(self, df: pd.DataFrame) -> np.ndarray:  # pragma: no cover - abstract
+    @property
+    def version(self) -> str | None:
+        """Registry version when known, else the training run id."""
+        return self.source.version or self.source.run_id or self.spec.run_id
+
+    def predict(self, df: pd.DataFrame, source: str = "request") -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
 
-def _forward_chunks(model: torch.nn.Module, inputs: Sequence[np.ndarray]) -> np.ndarray:
-    """Run the model over pre-built arrays in large slices (no per-row Python)."""
+def forward_chunks(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray]) -> np.ndarray:
+    """The mean output of `models` over pre-built arrays, in large slices (no per-row Python)."""
     n = len(inputs[0])
-    out = np.empty(n, dtype=np.float32)
-    model.eval()
+    out = np.zeros(n, dtype=np.float32)
     with torch.inference_mode():
         for start in range(0, n, PREDICT_CHUNK):
             parts = [torch.from_numpy(np.ascontiguousarray(a[start : start + PREDICT_CHUNK])) for a in inputs]
-            out[start : start + PREDICT_CHUNK] = model(*parts).float().numpy().reshape(-1)
+            acc = models[0](*parts).float()
+            for m in models[1:]:
+                acc = acc + m(*parts).float()
+            out[start : start + PREDICT_CHUNK] = (acc / len(models)).numpy().reshape(-1)
     return out
 
 
 class TabularPredictor(Predictor):
     kind = "tabular"
+    spec: TabularSpec
 
-    def __init__(self, raw: RawBundle, source: ModelSource | None = None) -> None:
-        super().__init__(raw, source)
+    def __init__(self, bundle: Bundle, source: ModelSource | None = None) -> None:
+        super().__init__(bundle, source)
         from modeling.processor import TabularProcessor
 
-        self.processor = TabularProcessor.from_dict(self.doc["processor"])
-        self.features = raw.features
-        target = self.doc.get("target", {})
-        self.target_name: str = target.get("name", "prediction")
-        self.target_transform: str = target.get("transform", "identity")
-        self.zero_when: list[dict[str, Any]] = self.doc.get("zero_when", [])
-        self.key_columns: list[str] = self.doc.get("key_columns", [])
-        self.uncertainty: dict[str, Any] = dict(self.doc.get("uncertainty") or {})
+        self.processor = TabularProcessor.from_dict(self.spec.processor)
+        self.features = bundle.features
+        self.networks = bundle.networks  # the model, then ensemble members: averaged
+        self.target_name: str = self.spec.target.name
+        self.target_transform: str = self.spec.target.transform
+        self.zero_when = list(self.spec.zero_when)
+        self.key_columns: list[str] = list(self.spec.key_columns)
+        self.uncertainty: dict[str, Any] = dict(self.spec.uncertainty or {})
         self._forest: Any = None  # ForestArrays, built on the first predict_with_spread
 
     def engineer(self, df: pd.DataFrame, source: str = "request") -> pd.DataFrame:
@@ -88,15 +111,26 @@ class TabularPredictor(Predictor):
         clean = self.schema.validate(df.reset_index(drop=True), source=source)
         return self.features.transform(clean) if self.features is not None else clean
 
-    def predict(self, df: pd.DataFrame, source: str = "request") -> np.ndarray:
-        return self._predict(df, source, None)[0]
+    def fixed_rows(self, feats: pd.DataFrame) -> np.ndarray:
+        """Rows a zero_when rule answers without the model (True = answered 0)."""
+        fixed = np.zeros(len(feats), dtype=bool)
+        for rule in self.zero_when:
+            if rule.column in feats.columns:
+                fixed |= pd.to_numeric(feats[rule.column], errors="coerce").to_numpy() == rule.equals
+        return fixed
+
+    def predict(self, df: pd.DataFrame, source: str = "request",
+                on_features: FeaturesSink | None = None) -> np.ndarray:
+        """Predictions for raw rows. `on_features(feats, fixed)` receives each call's engineered
+        features and zero_when mask (the batch drift check samples them: no second pass)."""
+        return self._predict(df, source, None, on_features)[0]
 
     @property
     def has_spread(self) -> bool:
         """Whether the bundle carries a forest for per-row spread (bundles before it do not)."""
         from modeling.forest_arrays import FIELDS
 
-        return bool(self.uncertainty) and all(f"forest_{k}" in self.raw.extra for k in FIELDS)
+        return bool(self.uncertainty) and all(FOREST_PREFIX + k in self.bundle.extras for k in FIELDS)
 
     def forest(self) -> Any:
         """The bundle's spread forest (`modeling.forest_arrays.ForestArrays`), loaded once."""
@@ -110,30 +144,37 @@ class TabularPredictor(Predictor):
             if self.uncertainty.get("features", columns) != columns:
                 raise DataError(f"model {self.source.uri}: the bundle's forest was fitted on columns "
                                 f"{self.uncertainty.get('features')}, the processor gives {columns}")
-            self._forest = ForestArrays.from_arrays(self.raw.extra, n_features=len(columns))
+            self._forest = ForestArrays.from_arrays(self.bundle.extras, n_features=len(columns),
+                                                    prefix=FOREST_PREFIX)
         return self._forest
 
-    def predict_with_spread(self, df: pd.DataFrame, source: str = "request") -> tuple[np.ndarray, np.ndarray]:
+    def predict_with_spread(self, df: pd.DataFrame, source: str = "request",
+                            on_features: FeaturesSink | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(prediction, spread): spread = std of the bundle forest's trees' predictions on the target's
         model scale (log(Sales) for a log target), 0 where a zero_when rule answers (closed stores).
         DataError when the bundle has no forest."""
-        pred, spread = self._predict(df, source, self.forest())
+        pred, spread = self._predict(df, source, self.forest(), on_features)
         assert spread is not None
         return pred, spread
 
-    def _predict(self, df: pd.DataFrame, source: str, forest: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    def drift_reference(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The bundle's sample of processed training features (x_cat, x_cont), or None."""
+        extras = self.bundle.extras
+        if DRIFT_X_CAT not in extras or DRIFT_X_CONT not in extras:
+            return None
+        return extras[DRIFT_X_CAT].numpy(), extras[DRIFT_X_CONT].numpy()
+
+    def _predict(self, df: pd.DataFrame, source: str, forest: Any,
+                 on_features: FeaturesSink | None) -> tuple[np.ndarray, np.ndarray | None]:
         if len(df) == 0:
             return np.empty(0, dtype=np.float64), (None if forest is None else np.empty(0, dtype=np.float64))
         feats = self.engineer(df, source)
+        fixed = self.fixed_rows(feats)
+        if on_features is not None:
+            on_features(feats, fixed)
         x_cat, x_cont = self.processor.transform(feats)
-        raw = _forward_chunks(self.model, (x_cat, x_cont)).astype(np.float64)
+        raw = forward_chunks(self.networks, (x_cat, x_cont)).astype(np.float64)
         pred = np.exp(raw) if self.target_transform == "log" else raw
-        fixed = np.zeros(len(pred), dtype=bool)
-        for rule in self.zero_when:
-            col = rule["column"]
-            if col in feats.columns:
-                values = pd.to_numeric(feats[col], errors="coerce").to_numpy()
-                fixed |= values == rule["equals"]
         pred[fixed] = 0.0
         if forest is None:
             return pred, None
@@ -146,20 +187,25 @@ class TabularPredictor(Predictor):
 
 
 class RatingsPredictor(Predictor):
-    kind = "ratings"
+    """Ratings from the rating model; top-k and similar items from the ranking network when the
+    bundle has one (else from the rating model)."""
 
-    def __init__(self, raw: RawBundle, source: ModelSource | None = None) -> None:
-        super().__init__(raw, source)
-        self.users = pd.Index(self.doc["users"], dtype=object)
-        self.items = pd.Index(self.doc["items"], dtype=object)
-        titles = self.doc.get("item_titles")
+    kind = "ratings"
+    spec: RatingsSpec
+
+    def __init__(self, bundle: Bundle, source: ModelSource | None = None) -> None:
+        super().__init__(bundle, source)
+        self.users = pd.Index(self.spec.users, dtype=object)
+        self.items = pd.Index(self.spec.items, dtype=object)
+        titles = self.spec.item_titles
         self.titles: list[str | None] | None = [None, *titles] if titles else None
-        extra = raw.extra
-        self.seen_indptr = extra["seen_indptr"].numpy().astype(np.int64)
-        self.seen_indices = extra["seen_indices"].numpy().astype(np.int64)
-        self.cold_start_rank = extra["cold_start_rank"].numpy().astype(np.int64)
-        self.cold_start_scores = extra["cold_start_scores"].numpy().astype(np.float32)
-        self.rating_scale = tuple(self.doc.get("rating_scale", (None, None)))
+        self.ranker = bundle.network(self.spec.ranking) if self.spec.ranking is not None else self.model
+        extras = bundle.extras
+        self.seen_indptr = extras[SEEN_INDPTR].numpy().astype(np.int64)
+        self.seen_indices = extras[SEEN_INDICES].numpy().astype(np.int64)
+        self.cold_start_rank = extras[COLD_START_RANK].numpy().astype(np.int64)
+        self.cold_start_scores = extras[COLD_START_SCORES].numpy().astype(np.float32)
+        self.rating_scale = tuple(self.spec.rating_scale or (None, None))
 
     @property
     def n_items(self) -> int:
@@ -185,41 +231,36 @@ class RatingsPredictor(Predictor):
         clean = self.schema.validate(df.reset_index(drop=True), source=source)
         u = self.user_index(clean["user"])
         i = self.item_index(clean["item"])
-        return _forward_chunks(self.model, (u.astype(np.int64), i.astype(np.int64))).astype(np.float64)
+        return forward_chunks([self.model], (u.astype(np.int64), i.astype(np.int64))).astype(np.float64)
 
-    def recommend(
-        self, users: Sequence[Any], k: int = 10, exclude_seen: bool = True
-    ) -> list[dict[str, Any]]:
-        """Top-k items per user (vectorized over users); unknown users get the cold-start list."""
-        from modeling.collab import score_all_items, top_k
+    def top_k(self, users: Sequence[Any], k: int = 10,
+              exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Vectorized top-k: (item indices [m, k] padded with -1, scores [m, k] NaN-padded,
+        cold-start flags [m]); unknown users get the cold-start ranking."""
+        from modeling.collab import top_k_for_users
 
         if k < 1:
             raise DataError("k must be >= 1")
         uidx = self.user_index(users)
         known = uidx > 0
-        results: list[dict[str, Any]] = [{} for _ in users]
+        idx = np.full((len(uidx), k), -1, dtype=np.int64)
+        sc = np.full((len(uidx), k), np.nan, dtype=np.float32)
         if known.any():
-            ku = uidx[known]
-            scores = score_all_items(self.model, torch.from_numpy(ku.astype(np.int64)))
-            if exclude_seen:
-                starts, ends = self.seen_indptr[ku], self.seen_indptr[ku + 1]
-                lengths = ends - starts
-                indptr = np.concatenate([[0], np.cumsum(lengths)])
-                gather = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
-                indices = self.seen_indices[gather]
-                idx, sc = top_k(scores, k, indptr, indices)
-            else:
-                idx, sc = top_k(scores, k)
-            for row, pos in enumerate(np.flatnonzero(known)):
-                results[pos] = self._answer(users[pos], idx[row], sc[row], cold=False)
+            seen = (self.seen_indptr, self.seen_indices) if exclude_seen else None
+            idx[known], sc[known] = top_k_for_users(self.ranker, uidx[known].astype(np.int64), k, seen)
         if (~known).any():
-            cold_idx, cold_sc = self.cold_start(k)
-            for pos in np.flatnonzero(~known):
-                results[pos] = self._answer(users[pos], cold_idx, cold_sc, cold=True)
-        return results
+            c_idx, c_sc = self.cold_start(k)
+            idx[~known, : len(c_idx)] = c_idx
+            sc[~known, : len(c_sc)] = c_sc
+        return idx, sc, ~known
+
+    def recommend(self, users: Sequence[Any], k: int = 10, exclude_seen: bool = True) -> list[dict[str, Any]]:
+        """Top-k items per user as answers {"user", "cold_start", "items": [{"item", "score", "title"?}]}."""
+        idx, sc, cold = self.top_k(users, k, exclude_seen)
+        return [self._answer(u, idx[r], sc[r], bool(cold[r])) for r, u in enumerate(users)]
 
     def cold_start(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Items ranked for an unknown user: mean predicted rating over known users, popular items only."""
+        """Items ranked for an unknown user (computed at training time, kept in the bundle)."""
         return self.cold_start_rank[:k], self.cold_start_scores[:k]
 
     def similar(self, item: Any, k: int = 10) -> list[dict[str, Any]]:
@@ -228,12 +269,8 @@ class RatingsPredictor(Predictor):
         iidx = self.item_index([item])
         if iidx[0] <= 0:
             raise KeyError(item)
-        idx, sims = similar_items(item_factors(self.model), torch.tensor(iidx), k)
-        return [
-            self._item(int(j), "similarity", float(s))
-            for j, s in zip(idx[0], sims[0], strict=True)
-            if j > 0
-        ]
+        idx, sims = similar_items(item_factors(self.ranker), torch.tensor(iidx), k)
+        return [self._item(int(j), "similarity", float(s)) for j, s in zip(idx[0], sims[0], strict=True) if j > 0]
 
     def _item(self, j: int, score_name: str, score: float) -> dict[str, Any]:
         entry: dict[str, Any] = {"item": str(self.items[j - 1]), score_name: score}
@@ -249,27 +286,9 @@ class RatingsPredictor(Predictor):
 PREDICTORS: dict[str, type[Predictor]] = {"tabular": TabularPredictor, "ratings": RatingsPredictor}
 
 
-def load_predictor(uri: str) -> Predictor:
+def load_predictor(uri: str | ModelUri) -> Predictor:
     """Load any accepted model URI (local bundle, runs:/, models:/name/version, models:/name@alias)."""
-    raw = read_bundle(uri)
-    source = _describe_source(uri)
-    return PREDICTORS[raw.kind](raw, source)
-
-
-def _describe_source(uri: str) -> ModelSource:
-    source = ModelSource(uri=uri)
-    if uri.startswith("models:/"):
-        from mlflow import MlflowClient
-
-        ref = uri[len("models:/") :]
-        client = MlflowClient()
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        else:
-            name, version = ref.split("/", 1)
-            mv = client.get_model_version(name, version)
-        source.name, source.version, source.run_id = name, str(mv.version), mv.run_id
-    elif uri.startswith("runs:/"):
-        source.run_id = uri[len("runs:/") :].split("/", 1)[0]
-    return source
+    parsed = uri if isinstance(uri, ModelUri) else ModelUri.parse(uri)
+    bundle = load_bundle(parsed)
+    source = ModelSource(uri=parsed.text, **parsed.describe())
+    return PREDICTORS[bundle.kind](bundle, source)

@@ -552,11 +552,11 @@ class DriftSampler:
         return pd.DataFrame(data, columns=self._columns())
 
     def _training_frame(self) -> pd.DataFrame | None:
-        extra = getattr(self.predictor.raw, "extra", {})
-        if "drift_x_cat" not in extra or "drift_x_cont" not in extra:
+        reference = self.predictor.drift_reference()
+        if reference is None:
             self.note = "bundle has no training sample (drift_x_cat/drift_x_cont): drift check skipped"
             return None
-        x_cat, x_cont = extra["drift_x_cat"].numpy(), extra["drift_x_cont"].numpy()
+        x_cat, x_cont = reference
         proc = self.predictor.processor
         if x_cat.shape[1] != len(proc.cat_names_out) or x_cont.shape[1] != len(proc.cont_names):
             self.note = "bundle training sample does not match the processor's columns: drift check skipped"
@@ -567,16 +567,12 @@ class DriftSampler:
     def active(self) -> bool:
         return self.train is not None
 
-    def add(self, feats: pd.DataFrame) -> None:
-        """Take this chunk's share of the sample from its engineered features."""
+    def add(self, feats: pd.DataFrame, fixed: np.ndarray) -> None:
+        """Take this chunk's share of the sample from its engineered features (rows a zero_when
+        rule answers, `fixed`, are left out as they were from training)."""
         if not self.active or len(feats) == 0:
             return
-        keep = np.ones(len(feats), dtype=bool)
-        for rule in getattr(self.predictor, "zero_when", []):
-            if rule["column"] in feats.columns:
-                values = pd.to_numeric(feats[rule["column"]], errors="coerce").to_numpy()
-                keep &= values != rule["equals"]
-        pos = np.flatnonzero(keep)
+        pos = np.flatnonzero(~fixed)
         n = min(len(pos), math.ceil(self.target * len(feats) / self.total))
         if n == 0:
             return
@@ -630,26 +626,6 @@ class DriftSampler:
             log.info("drift check: reference = the training sample's rows of the %d %s value(s) in the batch "
                      "(%d of %d rows)", scope["groups"], g, len(ref), len(self.train))
         return ref, scope
-
-
-@contextmanager
-def _features_hook(predictor: Any, sink: Callable[[pd.DataFrame], None] | None) -> Iterator[None]:
-    """Hand each chunk's engineered features to `sink` as predict() computes them (no second pass)."""
-    if sink is None or not hasattr(predictor, "engineer"):
-        yield
-        return
-    original = predictor.engineer
-
-    def engineer(df: pd.DataFrame, source: str = "request") -> pd.DataFrame:
-        feats = original(df, source)
-        sink(feats)
-        return feats
-
-    predictor.engineer = engineer
-    try:
-        yield
-    finally:
-        del predictor.engineer
 
 
 def _drift_gate(sampler: DriftSampler | None, max_auc: float, fail: bool) -> dict[str, Any]:
@@ -794,15 +770,17 @@ def _chunks(inputs: InputSet, columns: Sequence[str], plan: Plan, spill_dir: Pat
             yield table
 
 
-def _predict_chunk(predictor: Any, table: pa.Table, inputs: InputSet,
-                   spread: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+def _predict_chunk(predictor: Any, table: pa.Table, inputs: InputSet, spread: bool = False,
+                   sink: Callable[[pd.DataFrame, np.ndarray], None] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
     """(prediction, spread or None) for one chunk; row errors name the file and line/row."""
     df = table.drop_columns([ROW]).to_pandas(date_as_object=False)
+    hook = {"on_features": sink} if sink is not None else {}
     try:
         if spread:
-            pred, sd = predictor.predict_with_spread(df, source="input")
+            pred, sd = predictor.predict_with_spread(df, source="input", **hook)
             return np.asarray(pred, dtype=np.float64), np.asarray(sd, dtype=np.float64)
-        return np.asarray(predictor.predict(df, source="input"), dtype=np.float64), None
+        return np.asarray(predictor.predict(df, source="input", **hook), dtype=np.float64), None
     except RecordsError as exc:
         rows = table.column(ROW).to_numpy()
         where = "; ".join(f"{inputs.locate(int(rows[e.record]))} field {e.field!r}: {e.msg}"
@@ -927,17 +905,16 @@ def _score(model: str, in_path: Path, out: Path, sub: Path | None, run: Any, sta
     n_chunks = 0
     spread_sum, spread_rows = 0.0, 0
     bar = stack.enter_context(_progress(plan.total_rows, quiet, "row"))
-    with _features_hook(predictor, sink):
-        for table in _chunks(inputs, columns, plan, spill_dir):
-            pred, spread = _predict_chunk(predictor, table, inputs, uncertainty)
-            n_chunks += 1
-            if spread is not None:
-                scored = spread > 0  # rows the forest scored (zero_when rows get 0)
-                spread_sum, spread_rows = spread_sum + float(spread[scored].sum()), spread_rows + int(scored.sum())
-            if plan.mode == "whole":  # the whole input is in hand: check before writing a byte
-                drift = _drift_gate(sampler, max_drift_auc, fail_on_drift)
-            _write_chunk(writers, table, pred, keys, spread)
-            bar.update(table.num_rows)
+    for table in _chunks(inputs, columns, plan, spill_dir):
+        pred, spread = _predict_chunk(predictor, table, inputs, uncertainty, sink)
+        n_chunks += 1
+        if spread is not None:
+            scored = spread > 0  # rows the forest scored (zero_when rows get 0)
+            spread_sum, spread_rows = spread_sum + float(spread[scored].sum()), spread_rows + int(scored.sum())
+        if plan.mode == "whole":  # the whole input is in hand: check before writing a byte
+            drift = _drift_gate(sampler, max_drift_auc, fail_on_drift)
+        _write_chunk(writers, table, pred, keys, spread)
+        bar.update(table.num_rows)
     if drift is None:  # several chunks: the sample spans all of them, so check before publishing
         drift = _drift_gate(sampler, max_drift_auc, fail_on_drift)
     seconds = time.perf_counter() - t0
@@ -1010,40 +987,6 @@ def read_user_ids(path: str | Path) -> pd.Series:
     if ids.empty:
         raise DataError(f"users file {p}: no user ids")
     return ids.astype(object)
-
-
-def seen_slice(indptr: np.ndarray, indices: np.ndarray, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """CSR rows `users` of (indptr, indices), as a new CSR (vectorized gather)."""
-    starts, ends = indptr[users], indptr[users + 1]
-    lengths = ends - starts
-    new_ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    gather = np.repeat(starts - new_ptr[:-1], lengths) + np.arange(new_ptr[-1])
-    return new_ptr, indices[gather]
-
-
-def _topk_chunk(predictor: Any, users: np.ndarray, k: int, exclude_seen: bool) -> tuple[np.ndarray, ...]:
-    """(item indices [m, k] with -1 padding, scores [m, k], cold flags [m]) for one chunk of user ids."""
-    import torch
-
-    from modeling.collab import score_all_items, top_k
-
-    uidx = predictor.user_index(users)
-    known = uidx > 0
-    idx = np.full((len(users), k), -1, dtype=np.int64)
-    sc = np.full((len(users), k), np.nan, dtype=np.float32)
-    if known.any():
-        ku = uidx[known].astype(np.int64)
-        scores = score_all_items(predictor.model, torch.from_numpy(ku))
-        if exclude_seen:
-            ptr, ind = seen_slice(predictor.seen_indptr, predictor.seen_indices, ku)
-            idx[known], sc[known] = top_k(scores, k, ptr, ind)
-        else:
-            idx[known], sc[known] = top_k(scores, k)
-    if (~known).any():
-        c_idx, c_sc = predictor.cold_start(k)
-        idx[~known, : len(c_idx)] = c_idx
-        sc[~known, : len(c_sc)] = c_sc
-    return idx, sc, ~known
 
 
 REC_SCHEMA = pa.schema([("user", pa.string()), ("rank", pa.int32()), ("item", pa.string()),
@@ -1121,7 +1064,7 @@ def _recommend(model: str, out: Path, users_path: str | Path | None, run: Any, s
     n_cold = 0
     for start in range(0, len(ids), per_chunk):
         chunk = np.asarray(ids[start : start + per_chunk], dtype=object)
-        idx, sc, cold = _topk_chunk(predictor, chunk, k, exclude_seen)
+        idx, sc, cold = predictor.top_k(chunk, k, exclude_seen)
         n_cold += int(cold.sum())
         writer.write(_rec_table(predictor, chunk.astype(str), idx, sc, cold))
         bar.update(len(chunk))

@@ -15,14 +15,24 @@ import pandas as pd
 import torch
 
 from modeling.baselines import fit_bias_baseline
-from modeling.bundle import save_bundle
+from modeling.bundle import (
+    COLD_START_RANK,
+    COLD_START_SCORES,
+    SEEN_INDICES,
+    SEEN_INDPTR,
+    ModelSpec,
+    RatingsSpec,
+    save_bundle,
+)
 from modeling.collab import (
     DotProductBias,
     EmbeddingNN,
+    csr_from_pairs,
+    csr_rows,
     item_biases,
     item_factors,
     score_all_items,
-    top_k,
+    top_k_for_users,
 )
 from modeling.errors import DataError
 from modeling.forest import ForestConfig, adversarial_validation, rf_baseline
@@ -131,13 +141,6 @@ def _encode(index: pd.Index, values: pd.Series) -> np.ndarray:
     return (index.get_indexer(values.to_numpy()) + 1).astype(np.int64)
 
 
-def csr_by_user(users: np.ndarray, items: np.ndarray, n_users: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.lexsort((items, users))
-    counts = np.bincount(users, minlength=n_users)
-    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return indptr, items[order].astype(np.int64)
-
-
 def y_range_for(scale: tuple[float, float]) -> tuple[float, float]:
     """A little beyond the rating scale: (0, 5.5) for 1–5 stars, as in the course."""
     lo, hi = scale
@@ -168,17 +171,10 @@ def ranking_metrics(
     users = np.unique(valid_u[mask])
     if len(users) == 0:
         return {}
-    seen_ptr, seen_idx = csr_by_user(train_u, train_i, n_users)
-    rel_ptr_all, rel_idx_all = csr_by_user(valid_u[mask], valid_i[mask], n_users)
-    recs = []
-    for start in range(0, len(users), 2048):
-        chunk = users[start : start + 2048]
-        scores = score_all_items(model, torch.from_numpy(chunk))
-        ex_ptr, ex_idx = _sub_csr(seen_ptr, seen_idx, chunk)
-        idx, _ = top_k(scores, k, ex_ptr, ex_idx)
-        recs.append(idx)
-    rec = np.concatenate(recs)
-    rel_ptr, rel_idx = _sub_csr(rel_ptr_all, rel_idx_all, users)
+    seen = csr_from_pairs(train_u, train_i, n_users)
+    rel_ptr_all, rel_idx_all = csr_from_pairs(valid_u[mask], valid_i[mask], n_users)
+    rec, _ = top_k_for_users(model, users, k, seen)
+    rel_ptr, rel_idx = csr_rows(rel_ptr_all, rel_idx_all, users)
     coverage = len(np.unique(rec[rec > 0])) / max(1, n_items - 1)
     return {
         f"precision_at_{k}": precision_at_k(rec, (rel_ptr, rel_idx), k),
@@ -186,14 +182,6 @@ def ranking_metrics(
         f"ndcg_at_{k}": ndcg_at_k(rec, (rel_ptr, rel_idx), k),
         f"coverage_at_{k}": coverage,
     }
-
-
-def _sub_csr(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    starts, ends = indptr[rows], indptr[rows + 1]
-    lengths = ends - starts
-    new_ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    gather = np.repeat(starts - new_ptr[:-1], lengths) + np.arange(new_ptr[-1])
-    return new_ptr, indices[gather]
 
 
 def activity_features(df_u: np.ndarray, df_i: np.ndarray, ts: np.ndarray, train_u: np.ndarray,
@@ -344,23 +332,20 @@ def train_ratings(cfg: RatingsConfig) -> dict[str, Any] | None:
             tracking.log_plot(p)
 
         cold_idx, cold_scores = cold_start_ranking(model, tu, ti, n_items, cfg.min_ratings_cold_start, cfg.seed)
-        seen_ptr, seen_idx = csr_by_user(tu, ti, n_users)
+        seen_ptr, seen_idx = csr_from_pairs(tu, ti, n_users)
         schema = InputSchema([InputField("user", "id", description="external user id"),
                               InputField("item", "id", description="external item id")])
-        meta = {
-            "inputs": schema.to_dict(),
-            "users": [str(u) for u in users], "items": [str(i) for i in items],
-            "item_titles": titles if any(titles) else None,
-            "rating_scale": list(scale), "y_range": list(y_range),
-            "metrics": {k: float(v) for k, v in metrics.items()},
-            "data_fingerprint": fingerprint, "training": asdict(cfg), "run_id": run.info.run_id,
+        spec = RatingsSpec(
+            model=ModelSpec.of(model), inputs=schema, users=[str(u) for u in users], items=[str(i) for i in items],
+            item_titles=titles if any(titles) else None, rating_scale=list(scale), y_range=list(y_range),
+            metrics={k: float(v) for k, v in metrics.items()}, data_fingerprint=fingerprint,
+            training=asdict(cfg), run_id=run.info.run_id,
+        )
+        extras = {
+            SEEN_INDPTR: torch.from_numpy(seen_ptr), SEEN_INDICES: torch.from_numpy(seen_idx.astype(np.int32)),
+            COLD_START_RANK: torch.from_numpy(cold_idx), COLD_START_SCORES: torch.from_numpy(cold_scores),
         }
-        extra = {
-            "seen_indptr": torch.from_numpy(seen_ptr), "seen_indices": torch.from_numpy(seen_idx.astype(np.int32)),
-            "cold_start_rank": torch.from_numpy(cold_idx), "cold_start_scores": torch.from_numpy(cold_scores),
-            "item_popularity": torch.from_numpy(counts.astype(np.int64)),
-        }
-        bundle_dir = save_bundle(tmp / "bundle", kind="ratings", model=model, meta=meta, extra_tensors=extra)
+        bundle_dir = save_bundle(tmp / "bundle", spec, [model], extras=extras)
         example = valid_df[["user", "item"]].head(5).reset_index(drop=True)
         model_uri, logged_uri = tracking.log_bundle(bundle_dir, example, pred[:5].astype(np.float64))
         run_id = run.info.run_id

@@ -14,7 +14,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from modeling.bundle import save_bundle
+from modeling.bundle import (
+    DRIFT_X_CAT,
+    DRIFT_X_CONT,
+    ModelSpec,
+    TabularSpec,
+    Target,
+    ZeroRule,
+    save_bundle,
+)
 from modeling.embeddings import get_emb_szs
 from modeling.errors import DataError
 from modeling.forest import (
@@ -278,21 +286,16 @@ def train_rossmann(cfg: RossmannConfig) -> dict[str, Any] | None:
         for p in plots:
             tracking.log_plot(p)
 
-        meta = {
-            "inputs": input_schema().to_dict(),
-            "processor": data.processor.to_dict(),
-            "target": {"name": "Sales", "transform": "log"},
-            "zero_when": [{"column": "Open", "equals": 0}],
-            "key_columns": ["Id"],
-            "y_range": list(model.config()["y_range"]),
-            "metrics": {k: float(v) for k, v in metrics.items()},
-            "data_fingerprint": fingerprint, "training": asdict(cfg), "run_id": run.info.run_id,
-            "uncertainty": uncertainty,
-        }
+        spec = TabularSpec(
+            model=ModelSpec.of(model), inputs=input_schema(), processor=data.processor.to_dict(),
+            target=Target("Sales", "log"), zero_when=[ZeroRule("Open", 0)], key_columns=["Id"],
+            y_range=list(model.config()["y_range"]), metrics={k: float(v) for k, v in metrics.items()},
+            data_fingerprint=fingerprint, training=asdict(cfg), run_id=run.info.run_id, uncertainty=uncertainty,
+        )
         log.info("forest baseline RMSPE %.4f, adversarial AUC %.3f; logging the model",
                  metrics["rf_valid_rmspe"], metrics["adversarial_auc"])
-        bundle_dir = save_bundle(tmp / "bundle", kind="tabular", model=model, meta=meta, features=data.pipeline,
-                                 extra_tensors={**drift_sample(data.train, cfg.seed), **spread_tensors})
+        bundle_dir = save_bundle(tmp / "bundle", spec, [model], features=data.pipeline,
+                                 extras={**drift_sample(data.train, cfg.seed), **spread_tensors})
         example = data.raw_valid.head(5).copy()
         example["Date"] = example["Date"].dt.strftime("%Y-%m-%d")
         example["Open"] = example["Open"].astype("float64")  # test.csv has missing Open values
@@ -313,7 +316,7 @@ def drift_sample(train: TensorData, seed: int, n: int = 5000) -> dict[str, torch
     """A seeded sample of processed training features, kept in the bundle for batch drift checks."""
     rng = np.random.default_rng(seed)
     idx = torch.from_numpy(np.sort(rng.choice(len(train), size=min(n, len(train)), replace=False)))
-    return {"drift_x_cat": train.xs[0][idx], "drift_x_cont": train.xs[1][idx]}
+    return {DRIFT_X_CAT: train.xs[0][idx], DRIFT_X_CONT: train.xs[1][idx]}
 
 
 def spread_forest(cfg: RossmannConfig, data: PreparedData,

@@ -49,8 +49,7 @@ class LoadedModel:
     @property
     def version(self) -> str | None:
         """Registry version when known, else the training run id from the bundle."""
-        src = self.predictor.source
-        return src.version or src.run_id or self.predictor.doc.get("run_id")
+        return self.predictor.version
 
 
 @dataclass
