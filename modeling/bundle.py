@@ -115,7 +115,7 @@ class RawBundle:
         self.extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
         self.features = None
         if (path / FEATURES_DIR).is_dir():
-            from modeling.transforms import FeaturePipeline
+            from modeling.features import FeaturePipeline
 
             self.features = FeaturePipeline.load(path / FEATURES_DIR)
 
