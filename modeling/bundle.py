@@ -375,7 +375,7 @@ def load_bundle_dir(path: Path) -> Bundle:
                           f"{WEIGHTS} holds {sorted(extras)}")
     features = None
     if isinstance(spec, TabularSpec) and spec.features:
-        from modeling.transforms import FeaturePipeline
+        from modeling.features import FeaturePipeline
 
         features = FeaturePipeline.load(path / FEATURES_DIR)
     return Bundle(path, spec, networks, extras, features)

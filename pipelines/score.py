@@ -9,7 +9,7 @@ a rerun rebuilds it), hold a non-blocking `flock` on `<output>.lock` so two over
 one output cannot interleave, and record an MLflow run in experiment "batch".
 
 Chunking and the Rossmann event features: "days until the next promo/holiday" is computed
-from the events present in the batch itself (modeling.transforms.ElapsedEvents), so splitting
+from the events present in the batch itself (modeling.features.ElapsedEvents), so splitting
 one store's rows across chunks would change its features. Rows are therefore chunked by whole
 groups: an input of at most `batch_rows` rows is scored in one go; a larger one is first
 spilled to hidden Parquet buckets, each holding whole groups (stores), and scored bucket by
@@ -56,7 +56,6 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_SUFFIXES = (".csv", ".csv.gz")
 MAX_SPILL_FILES = 256
 SCORE_CELLS = 1 << 24  # users x items scores held at once by recommend_file (64 MiB float32)
-CALENDAR_ATTRS = ("Year", "Month", "Week", "Day", "Dayofyear", "Elapsed")
 MIN_DRIFT_ROWS = 30
 TRACKING_TIMEOUT_S = 5.0
 
@@ -488,42 +487,19 @@ def _source_info(predictor: Any, uri: str) -> dict[str, Any]:
 # ============================================================================ drift
 
 
-_EVENT_REASON = ("event distance/window: Before*/*_fw read the batch's own future and cap at its end, "
-                 "After*/*_bw move with the season")
-_DURATION_REASON = "duration up to the row's date"
-
-
 def drift_exclusions(predictor: Any) -> dict[str, str]:
     """Model inputs the drift check leaves out, with the reason: the columns that are a function of
     the row's date, so a batch from another period differs there by construction, not by drift.
 
-    Read from the feature pipeline's steps: calendar parts (Year, Month, Week, Day, Dayofyear,
-    Elapsed), per-group event distances and window counts (`elapsed_events`: the Before*/*_fw
-    values are computed from the events inside the batch and cap where the next event lies past
-    its end; After*/*_bw are exact but seasonal), durations to the date (`months_since`,
-    `weeks_since`), month-of-date flags (`month_in_list`) and tables joined on a date column
-    (weather, trends). Their `<col>_na` flags stay in: a join that stops matching is real skew.
+    The feature pipeline declares them (`FeaturePipeline.time_relative_columns`): calendar parts
+    (Year, Month, Week, Day, Dayofyear, Elapsed), per-group event distances and window counts (the
+    Before*/*_fw values are computed from the events inside the batch and cap where the next event
+    lies past its end; After*/*_bw are exact but seasonal), durations to the date, month-of-date
+    flags and tables joined on a date column (weather, trends). Their `<col>_na` flags stay in: a
+    join that stops matching is real skew.
     """
     feats = getattr(predictor, "features", None)
-    steps = list(getattr(feats, "steps", []))
-    date_fields = {getattr(s, "field", None) for s in steps if getattr(s, "name", "") == "date_parts"}
-    date_fields |= {getattr(s, "date", None) for s in steps if getattr(s, "name", "") == "elapsed_events"}
-    out: dict[str, str] = {}
-    for step in steps:
-        name = getattr(step, "name", "")
-        if name == "date_parts":
-            out.update({step.prefix + a: "calendar part of the date" for a in step.attrs if a in CALENDAR_ATTRS})
-        elif name == "elapsed_events":
-            out.update({c: _EVENT_REASON for c in step.outputs()})
-        elif name in ("months_since", "weeks_since"):
-            out[step.out] = _DURATION_REASON
-        elif name == "month_in_list":
-            out[step.out] = "flag of the date's month"
-        elif name == "join_table" and date_fields & set(step.on):
-            reason = f"joined on the date ({step.label!r} table)"
-            out.update({c: reason for c in step.columns})
-            out.update({c + step.suffix: reason for c in step.columns})
-    return out
+    return feats.time_relative_columns() if feats is not None else {}
 
 
 class DriftSampler:
@@ -651,14 +627,10 @@ def _drift_gate(sampler: DriftSampler | None, max_auc: float, fail: bool) -> dic
 # ============================================================================ scoring
 
 
-def _elapsed_steps(predictor: Any) -> list[Any]:
-    feats = getattr(predictor, "features", None)
-    return [s for s in getattr(feats, "steps", []) if getattr(s, "name", "") == "elapsed_events"]
-
-
 def group_columns(predictor: Any) -> list[str]:
     """Columns whose rows must be scored together (features computed from events in the batch)."""
-    return list(dict.fromkeys(s.group for s in _elapsed_steps(predictor)))
+    feats = getattr(predictor, "features", None)
+    return feats.group_columns() if feats is not None else []
 
 
 def key_columns(predictor: Any, inputs: InputSet) -> list[str]:
@@ -674,7 +646,8 @@ def key_columns(predictor: Any, inputs: InputSet) -> list[str]:
     declared = [c for c in getattr(predictor, "key_columns", []) if c in cols]
     if declared:
         return declared
-    fallback = list(dict.fromkeys(c for s in _elapsed_steps(predictor) for c in (s.group, s.date)))
+    feats = getattr(predictor, "features", None)
+    fallback = feats.key_columns() if feats is not None else []
     found = [c for c in fallback if c in cols]
     if not found:
         wanted = list(getattr(predictor, "key_columns", [])) + fallback

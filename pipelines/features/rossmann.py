@@ -1,21 +1,21 @@
-"""Rossmann feature engineering as a configured list of generic steps (modeling.transforms).
+"""Rossmann feature engineering as a configured list of generic steps (modeling.features).
 
 Order of work at training time: compute features over ALL rows of train.csv (closed days and
 holidays carry the events), then keep the rows worth learning from (`training_rows`), then
-split off the last weeks (`split_by_days`). At predict time the same fitted pipeline turns raw
-Kaggle-schema rows into the same features (`features_for_request`).
+split off the last weeks (`split_by_days`). At predict time the same fitted pipeline, saved in the
+bundle, turns raw Kaggle-schema rows (validated by the bundle's `input_schema`) into the same
+features: `modeling.predictors.load_predictor(bundle).engineer(rows)`, for HTTP and batch alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from modeling.errors import DataError
-from modeling.transforms import (
+from modeling.features import (
     DateParts,
     ElapsedEvents,
     FeaturePipeline,
@@ -26,13 +26,7 @@ from modeling.transforms import (
     Step,
     WeeksSince,
 )
-from pipelines.ingest.rossmann import (
-    REQUEST_SCHEMA,
-    STATE_HOLIDAYS,
-    ExternalTables,
-    canonical_codes,
-    validate_frame,
-)
+from pipelines.ingest.rossmann import STATE_HOLIDAYS, ExternalTables
 
 EVENTS = ["StateHoliday", "SchoolHoliday", "Promo"]
 EVENT_WINDOW = 7
@@ -166,40 +160,6 @@ def split_by_days(df: pd.DataFrame, valid_days: int = 42) -> tuple[pd.DataFrame,
     cutoff = df["Date"].max() - pd.Timedelta(days=valid_days)
     is_valid = df["Date"] > cutoff
     return df[~is_valid], df[is_valid]
-
-
-def _records_frame(rows: pd.DataFrame | Iterable[Mapping[str, Any]]) -> pd.DataFrame:
-    df = rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame.from_records(list(rows))
-    df = df.reset_index(drop=True)
-    required = [n for n, c in REQUEST_SCHEMA.columns.items() if c.required]
-    missing = [c for c in required if c not in df.columns]
-    if len(df) == 0:
-        raise DataError("request: no records")
-    if missing:
-        exc = DataError(f"request: missing field(s) {missing}; found {list(df.columns)}")
-        exc.details = [{"record": None, "field": c, "msg": "field required"}  # type: ignore[attr-defined]
-                       for c in missing]
-        raise exc
-    if "StateHoliday" in df.columns:
-        df["StateHoliday"] = canonical_codes(df["StateHoliday"])
-    return df
-
-
-def validate_request(rows: pd.DataFrame | Iterable[Mapping[str, Any]]) -> pd.DataFrame:
-    """Raw Kaggle-schema rows -> typed frame (DayOfWeek derived when absent); DataError with
-    `.details` = [{"record", "field", "msg"}] naming 0-based record indices."""
-    df = _records_frame(rows)
-    clean = validate_frame(df, REQUEST_SCHEMA, "request", row_label=lambda i: f"record {int(i)}")
-    if "DayOfWeek" not in clean.columns:
-        clean["DayOfWeek"] = clean["Date"].dt.dayofweek.astype(np.int64) + 1
-    return clean
-
-
-def features_for_request(pipeline: FeaturePipeline,
-                         rows: pd.DataFrame | Iterable[Mapping[str, Any]]) -> pd.DataFrame:
-    """Validate raw rows (test.csv columns) and engineer them with the fitted pipeline; the
-    result has one row per record, in request order (RangeIndex)."""
-    return pipeline.transform(validate_request(rows))
 
 
 def input_schema() -> Any:

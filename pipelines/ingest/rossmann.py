@@ -57,9 +57,8 @@ def _col(dtype: Any, *checks: pa.Check, nullable: bool = False, required: bool =
     return pa.Column(dtype, list(checks), nullable=nullable, required=required, unique=unique)
 
 
-def _binary(nullable: bool = False, required: bool = True) -> pa.Column:
-    return _col("float64" if nullable else "int64", pa.Check.isin([0, 1]), nullable=nullable,
-                required=required)
+def _binary(nullable: bool = False) -> pa.Column:
+    return _col("float64" if nullable else "int64", pa.Check.isin([0, 1]), nullable=nullable)
 
 
 def _dayofweek_matches_date(df: pd.DataFrame) -> pd.Series:
@@ -74,17 +73,17 @@ DOW_CHECK = pa.Check(_dayofweek_matches_date, name="DayOfWeek_matches_Date")
 WIDE_CHECK_COLUMNS = {"DayOfWeek_matches_Date": ["Date", "DayOfWeek"]}
 
 
-def _day_columns(date_nullable: bool = False, dow_required: bool = True) -> dict[str, pa.Column]:
+def _day_columns(date_nullable: bool = False) -> dict[str, pa.Column]:
     return {
         "Store": _col("int64", pa.Check.ge(1)),
-        "DayOfWeek": _col("int64", pa.Check.isin(list(range(1, 8))), required=dow_required),
+        "DayOfWeek": _col("int64", pa.Check.isin(list(range(1, 8)))),
         "Date": _col("datetime64[ns]", nullable=date_nullable),
     }
 
 
-def _calendar_columns(open_nullable: bool, open_required: bool = True) -> dict[str, pa.Column]:
+def _calendar_columns(open_nullable: bool) -> dict[str, pa.Column]:
     return {
-        "Open": _binary(nullable=open_nullable, required=open_required),
+        "Open": _binary(nullable=open_nullable),
         "Promo": _binary(),
         "StateHoliday": _col(str, pa.Check.isin(STATE_HOLIDAYS)),
         "SchoolHoliday": _binary(),
@@ -104,14 +103,6 @@ TRAIN_SCHEMA = pa.DataFrameSchema(
 TEST_SCHEMA = pa.DataFrameSchema(
     {"Id": _col("int64", unique=True), **_day_columns(), **_calendar_columns(open_nullable=True)},
     unique=["Store", "Date"], checks=[DOW_CHECK], coerce=True, name="test",
-)
-
-REQUEST_SCHEMA = pa.DataFrameSchema(
-    {
-        **_day_columns(dow_required=False),
-        **_calendar_columns(open_nullable=True, open_required=False),
-    },
-    unique=["Store", "Date"], checks=[DOW_CHECK], coerce=True, name="request",
 )
 
 _opt_float = {"nullable": True}

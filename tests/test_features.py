@@ -1,4 +1,5 @@
-"""Generic feature steps: values against independent computations, and serialization."""
+"""Generic feature steps (modeling.features): values against independent computations,
+serialization, and the steps' self-description."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import pandas as pd
 import pytest
 
 from modeling.errors import DataError
-from modeling.transforms import (
+from modeling.features import (
+    DATE_ATTRS,
     STEP_REGISTRY,
+    Columns,
     DateParts,
     ElapsedEvents,
     FeaturePipeline,
@@ -324,3 +327,81 @@ def test_registry_and_unknown_step() -> None:
                                    "steps": [{"name": "pickle_me", "params": {}}]})
     with pytest.raises(DataError, match="features.json"):
         FeaturePipeline.load("/nonexistent/dir")
+
+
+# ---------------------------------------------------------------------------- self-description
+
+
+def test_date_parts_declare_the_calendar_relative_parts() -> None:
+    info = DateParts("SaleDate").describe()
+    assert info.outputs == tuple("Sale" + a for a in DATE_ATTRS) and info.date_columns == ("SaleDate",)
+    assert info.group_columns == ()
+    # the parts that place a row in the year or in time; Dayofweek and the Is_* flags are not
+    assert set(info.time_relative) == {f"Sale{a}" for a in ["Year", "Month", "Week", "Day", "Dayofyear",
+                                                            "Elapsed"]}
+    assert set(info.time_relative.values()) == {"calendar part of the date"}
+    assert DateParts("Date", attrs=["Dayofweek", "Is_month_end"]).describe().time_relative == {}
+
+
+def test_a_join_on_a_date_key_is_time_relative_and_a_join_on_store_is_not() -> None:
+    store = pd.DataFrame({"Store": [1, 2], "Kind": ["a", "b"], "Dist": [1.0, 2.0]})
+    weather = pd.DataFrame({"State": ["BY", "BY"], "Date": _dates("2015-01-01", "2015-01-02"),
+                            "temp": [1.5, 2.5]})
+    by_store = JoinTable(store, on="Store", label="store")
+    by_day = JoinTable(weather, on=["State", "Date"], label="weather", suffix="_w")
+    assert by_store.describe().time_relative == {} and by_store.describe(["Date"]).time_relative == {}
+    assert by_store.describe().outputs == ("Kind", "Dist") and by_store.describe().date_columns == ()
+    # a datetime key column in the table is a date key on its own
+    reason = "joined on the date ('weather' table)"
+    assert by_day.describe().time_relative == {"temp": reason, "temp_w": reason}
+    assert by_day.describe().date_columns == ("Date",)
+    # a key held as text is a date key when another step of the pipeline reads it as a date
+    text_days = JoinTable(weather.assign(Date=["2015-01-01", "2015-01-02"]), on=["State", "Date"],
+                          label="weather")
+    assert text_days.describe().time_relative == {}
+    assert text_days.describe(["Date"]).time_relative == {"temp": reason, "temp_right": reason}
+    pipe = FeaturePipeline([DateParts("Date", attrs=["Year"]), text_days, by_store])
+    assert pipe.time_relative_columns() == {"Year": "calendar part of the date", "temp": reason,
+                                            "temp_right": reason}
+    assert pipe.date_columns() == ["Date"] and pipe.group_columns() == [] and pipe.key_columns() == []
+
+
+def test_pipeline_describes_groups_dates_keys_and_time_relative_columns() -> None:
+    pipe, df = _pipeline()
+    assert pipe.group_columns() == ["g"]  # ElapsedEvents reads the events of the group in the batch
+    assert pipe.date_columns() == ["Date"]
+    assert pipe.key_columns() == ["g", "Date"]
+    events = {f"{p}{e}" for e in ("e1", "e2") for p in ("After", "Before")} | {
+        f"{e}_{s}" for e in ("e1", "e2") for s in ("bw", "fw")}
+    relative = pipe.time_relative_columns()
+    assert set(relative) == {"Year", "Month", "Week", "Day", "Dayofyear", "Elapsed", "months_open",
+                             "weeks_open", "mil"} | events
+    assert relative["months_open"] == relative["weeks_open"] == "duration up to the row's date"
+    assert relative["mil"] == "flag of the date's month"
+    assert relative["Beforee1"].startswith("event distance/window")
+    # what a step declares is what it adds: run the steps one by one and compare
+    current = df
+    for step, info in zip(pipe.steps, pipe.describe(), strict=True):
+        added = [c for c in step.fit(current).transform(current).columns if c not in current.columns]
+        assert tuple(added) == info.outputs, step.name
+        assert set(info.time_relative) <= set(info.outputs) | {c + "_right" for c in info.outputs}
+        current = step.transform(current)
+    # loading a saved pipeline keeps its self-description (it is derived from the parameters)
+    again = FeaturePipeline.from_dict(json.loads(json.dumps(pipe.fit(df).to_dict())))
+    assert again.describe() == pipe.describe()
+
+
+def test_every_registered_step_describes_itself() -> None:
+    pipe, _ = _pipeline()
+    steps = {s.name: s for s in pipe.steps}
+    assert set(steps) == set(STEP_REGISTRY)
+    for name, step in steps.items():
+        info = step.describe()
+        assert info.outputs, name
+        assert not step.drops_rows
+    inner = JoinTable(pd.DataFrame({"g": [1], "v": [2]}), on="g", how="inner")
+    assert inner.drops_rows
+    view = Columns(pd.DataFrame({"g": [1, 3]}))
+    with pytest.raises(NotImplementedError, match="drops rows"):
+        inner.new_columns(view)
+    assert FeaturePipeline([inner]).transform(pd.DataFrame({"g": [1, 3]}))["v"].tolist() == [2.0]

@@ -1,0 +1,146 @@
+"""FeaturePipeline: an ordered list of feature steps; fit/transform, save/load, self-description.
+
+Saved as `features.json` (format "tabrec.features", version 1: step names, parameters, table
+references) plus one Parquet file per table the steps hold, dtypes kept in the JSON.
+
+Self-description: callers ask the pipeline which columns group rows that must be transformed
+together (`group_columns`), which input columns are dates (`date_columns`), which columns
+identify a row (`key_columns`) and which outputs are functions of the row's date, with a reason
+each (`time_relative_columns`); the steps answer for themselves (`Step.describe`), so no caller
+looks at step names.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from modeling.errors import DataError
+
+# importing the step modules registers their steps, so `step_from_dict` finds them by name
+from modeling.features import dates as _dates  # noqa: F401
+from modeling.features import events as _events  # noqa: F401
+from modeling.features import joins as _joins  # noqa: F401
+from modeling.features.base import Columns, Step, StepInfo, canonical_table, step_from_dict
+
+FORMAT = "tabrec.features"
+FORMAT_VERSION = 1
+FEATURES_JSON = "features.json"
+TABLES_DIR = "tables"
+
+
+def _cast_table(df: pd.DataFrame, columns: Sequence[str], dtypes: Mapping[str, str]) -> pd.DataFrame:
+    df = df[list(columns)]
+    return canonical_table(df.astype({c: dtypes[c] for c in columns}))
+
+
+class FeaturePipeline:
+    """An ordered list of steps; each step is fitted on the output of the previous ones."""
+
+    def __init__(self, steps: Sequence[Step], meta: Mapping[str, Any] | None = None) -> None:
+        self.steps = list(steps)
+        self.meta = dict(meta or {})
+
+    def fit(self, df: pd.DataFrame) -> FeaturePipeline:
+        self.fit_transform(df)
+        return self
+
+    def fit_transform(self, df: pd.DataFrame) -> pd.DataFrame:
+        for step in self.steps:
+            df = step.fit(df).transform(df)
+        return df
+
+    def transform(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Run every step over a `Columns` view and build the output frame once (an inner
+        join, which drops rows, materialises the frame at that step)."""
+        view = Columns(df)
+        for step in self.steps:
+            if step.drops_rows:
+                view = Columns(step.transform(view.to_frame()))
+            else:
+                view.add(step.new_columns(view))
+        return view.to_frame()
+
+    # ------------------------------------------------------------------ self-description
+
+    def describe(self) -> list[StepInfo]:
+        """Each step's `StepInfo`, in order; joins see the date columns of all the steps."""
+        dates = self.date_columns()
+        return [step.describe(dates) for step in self.steps]
+
+    def date_columns(self) -> list[str]:
+        """Input columns the steps read as dates (e.g. ["Date"]), in step order."""
+        # without the pipeline's context a join reports only its datetime-typed keys; with it, a
+        # key among these columns too, which adds nothing new here
+        return list(dict.fromkeys(c for step in self.steps for c in step.describe().date_columns))
+
+    def group_columns(self) -> list[str]:
+        """Columns whose rows must be transformed in one batch (e.g. ["Store"]: the days until a
+        store's next promo are read from that store's rows in the batch)."""
+        return list(dict.fromkeys(c for info in self.describe() for c in info.group_columns))
+
+    def key_columns(self) -> list[str]:
+        """Columns that identify a row: the group and date columns of each grouping step (e.g.
+        ["Store", "Date"]: one row per store and day); empty when no step groups rows."""
+        return list(dict.fromkeys(c for info in self.describe() if info.group_columns
+                                  for c in (*info.group_columns, *info.date_columns)))
+
+    def time_relative_columns(self) -> dict[str, str]:
+        """Output column -> why it is a function of the row's date (calendar parts, durations up
+        to the date, event distances, tables joined on the date); a batch from another period
+        differs there by construction, which is why the drift check leaves them out."""
+        out: dict[str, str] = {}
+        for info in self.describe():
+            out.update(info.time_relative)
+        return out
+
+    # ------------------------------------------------------------------ serialization
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict with every table inline (small pipelines, tests, embedding)."""
+        return {"format": FORMAT, "version": FORMAT_VERSION, "meta": self.meta,
+                "steps": [s.to_dict() for s in self.steps]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FeaturePipeline:
+        if d.get("format", FORMAT) != FORMAT or d.get("version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported feature pipeline format {d.get('format')!r} "
+                             f"version {d.get('version')!r} (need {FORMAT} {FORMAT_VERSION})")
+        return cls([step_from_dict(s) for s in d["steps"]], d.get("meta"))
+
+    def save(self, folder: str | Path) -> Path:
+        """Write features.json plus tables/<NN>_<step>_<table>.parquet (dtypes kept in JSON)."""
+        root = Path(folder)
+        (root / TABLES_DIR).mkdir(parents=True, exist_ok=True)
+        steps = []
+        for i, step in enumerate(self.steps):
+            refs = {}
+            for tname, table in step.tables().items():
+                rel = f"{TABLES_DIR}/{i:02d}_{step.name}_{tname}.parquet"
+                table.to_parquet(root / rel, index=False)
+                refs[tname] = {"path": rel, "columns": [str(c) for c in table.columns],
+                               "dtypes": {str(c): str(t) for c, t in table.dtypes.items()}}
+            steps.append({"name": step.name, "params": step.params(), "tables": refs})
+        doc = {"format": FORMAT, "version": FORMAT_VERSION, "meta": self.meta, "steps": steps}
+        (root / FEATURES_JSON).write_text(json.dumps(doc, indent=1))
+        return root
+
+    @classmethod
+    def load(cls, folder: str | Path) -> FeaturePipeline:
+        root = Path(folder)
+        path = root / FEATURES_JSON
+        if not path.is_file():
+            raise DataError(f"{root}: no {FEATURES_JSON}")
+        doc = json.loads(path.read_text())
+        for step in doc.get("steps", []):
+            for tname, ref in (step.get("tables") or {}).items():
+                table = pd.read_parquet(root / ref["path"])
+                step["tables"][tname] = _cast_table(table, ref["columns"], ref["dtypes"])
+        return cls.from_dict(doc)
+
+    def __repr__(self) -> str:
+        return "FeaturePipeline([\n  " + ",\n  ".join(map(repr, self.steps)) + "\n])"
