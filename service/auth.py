@@ -8,21 +8,16 @@ from __future__ import annotations
 import hmac
 from collections.abc import Sequence
 
-from fastapi import Depends, HTTPException, Request, Security
+from fastapi import HTTPException, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
-from service.settings import Settings
+from service.deps import SettingsDep
 
 bearer_scheme = HTTPBearer(auto_error=False, description="API key as `Authorization: Bearer <key>`.")
 api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key header.")
 admin_scheme = APIKeyHeader(name="X-Admin-Token", auto_error=False,
                             description="Admin token (or `Authorization: Bearer <token>`).")
-
-
-async def get_settings(request: Request) -> Settings:
-    """The settings the app was created with (dependency; async, so no threadpool hop)."""
-    return request.app.state.settings
 
 
 def matches(presented: str, secrets: Sequence[SecretStr]) -> bool:
@@ -39,7 +34,7 @@ def _presented(*values: str | None) -> list[str]:
 
 
 async def require_api_key(
-    settings: Settings = Depends(get_settings),
+    settings: SettingsDep,
     bearer: HTTPAuthorizationCredentials | None = Security(bearer_scheme),
     api_key: str | None = Security(api_key_scheme),
 ) -> None:
@@ -55,7 +50,7 @@ async def require_api_key(
 
 
 async def require_admin(
-    settings: Settings = Depends(get_settings),
+    settings: SettingsDep,
     bearer: HTTPAuthorizationCredentials | None = Security(bearer_scheme),
     token: str | None = Security(admin_scheme),
 ) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from modeling.bundle import BUNDLE_JSON, WEIGHTS, resolve_bundle_dir
 from modeling.errors import TabrecError
 from modeling.predictors import Predictor, load_predictor
+from modeling.uri import ModelUri
 from service.metrics import LOGGER, ServiceMetrics
 
 log = logging.getLogger(LOGGER)
@@ -78,13 +79,11 @@ def source_identity(uri: str) -> tuple[str, str]:
     cannot make us load one version and report another); local bundle directories are
     identified by file mtimes; other URIs (runs:/, models:/name/version) are immutable.
     """
-    if uri.startswith("models:/") and "@" in uri:
-        from mlflow import MlflowClient
-
-        name, alias = uri[len("models:/") :].split("@", 1)
-        version = str(MlflowClient().get_model_version_by_alias(name, alias).version)
-        return f"models:/{name}/{version}", f"models:/{name}/{version}"
-    if "://" in uri or uri.startswith(("models:/", "runs:/")):
+    parsed = ModelUri.parse(uri)
+    if parsed.is_alias:
+        pinned = str(parsed.pinned())
+        return pinned, pinned
+    if not parsed.is_local:  # runs:/, models:/name/version, other artifact URIs: loaded as given
         return uri, uri
     bundle = resolve_bundle_dir(uri)
     stamps = [(bundle / f).stat().st_mtime_ns for f in (BUNDLE_JSON, WEIGHTS) if (bundle / f).exists()]

@@ -9,9 +9,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-from pathlib import Path
 
 from modeling.errors import DataError
+from modeling.uri import ModelUri
 from service.metrics import configure_logging, uvicorn_log_config
 from service.settings import Settings, parse_model_specs
 
@@ -29,8 +29,14 @@ def resolve_settings(
     if not settings.models:
         raise DataError("no models to serve: pass --model NAME=URI (repeatable) or set TABREC_MODELS")
     for name, uri in settings.models.items():
-        if "://" not in uri and not uri.startswith(("runs:/", "models:/")) and not Path(uri).exists():
-            raise DataError(f"--model {name}={uri}: no such file or directory")
+        try:
+            parsed = ModelUri.parse(uri)  # a malformed runs:/ or models:/ URI can never load
+        except DataError as exc:
+            raise DataError(f"--model {name}={uri}: {exc}") from None
+        try:
+            parsed.check_exists()  # a local path must exist; remote URIs are checked on load
+        except DataError:
+            raise DataError(f"--model {name}={uri}: no such file or directory") from None
     return settings
 
 

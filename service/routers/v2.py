@@ -1,0 +1,93 @@
+"""Open Inference Protocol v2 (KServe, Seldon, Triton clients): server and model metadata,
+readiness, and columnar inference (one input tensor per column). Errors also carry the plain
+"error" string these clients read (see service.errors.error_body)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import JSONResponse
+
+from service.auth import require_api_key
+from service.deps import ModelName, RegistryDep, ServedModel, ServedVersion, SettingsDep
+from service.errors import ERRORS
+from service.registry import LoadedModel
+from service.schemas import (
+    V2_FOR_INPUT_TYPE,
+    InputError,
+    V2InferRequest,
+    V2InferResponse,
+    V2ModelMetadata,
+    tensors_frame,
+)
+from service.scoring import check_count, predict_records
+from service.settings import Settings
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], responses=ERRORS)
+ApiKey = Depends(require_api_key)
+
+
+@router.get("", summary="Server metadata")
+def v2_server(request: Request) -> dict[str, Any]:
+    return {"name": "tabrec", "version": request.app.version, "extensions": []}
+
+
+@router.get("/health/live", summary="Server live")
+def v2_live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="Server ready (503 until every model is loaded)")
+def v2_ready(registry: RegistryDep) -> JSONResponse:
+    return JSONResponse({"ready": registry.ready}, status_code=200 if registry.ready else 503)
+
+
+@router.get("/models/{name}/ready", summary="Model ready (503 until loaded)")
+def v2_model_ready(registry: RegistryDep, name: ModelName) -> JSONResponse:
+    if name not in registry.specs:
+        raise HTTPException(404, f"unknown model {name!r}")
+    ready = name in registry.models
+    return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
+
+
+@router.get("/models/{name}", response_model=V2ModelMetadata, summary="Model metadata")
+def v2_metadata(model: ServedModel) -> V2ModelMetadata:
+    return v2_metadata_of(model)
+
+
+@router.get("/models/{name}/versions/{version}", response_model=V2ModelMetadata, summary="Model version metadata")
+def v2_version_metadata(model: ServedVersion) -> V2ModelMetadata:
+    return v2_metadata_of(model)
+
+
+def v2_metadata_of(m: LoadedModel) -> V2ModelMetadata:
+    inputs = [{"name": f["name"], "datatype": V2_FOR_INPUT_TYPE.get(f["type"], "BYTES"), "shape": [-1]}
+              for f in m.predictor.input_fields]
+    return V2ModelMetadata(name=m.name, versions=[str(m.version)] if m.version else [],
+                           platform=f"tabrec_{m.kind}", inputs=inputs,
+                           outputs=[{"name": "prediction", "datatype": "FP64", "shape": [-1]}])
+
+
+@router.post("/models/{name}/infer", response_model=V2InferResponse, dependencies=[ApiKey],
+             summary="Columnar inference: one input tensor per column, shape [n] or [n, 1]")
+async def v2_infer(request: Request, body: V2InferRequest, model: ServedModel, settings: SettingsDep) -> JSONResponse:
+    return await v2_infer_with(request, model, body, settings)
+
+
+@router.post("/models/{name}/versions/{version}/infer", response_model=V2InferResponse, dependencies=[ApiKey],
+             summary="Columnar inference on a given model version (404 unless it is the one serving)")
+async def v2_version_infer(request: Request, body: V2InferRequest, model: ServedVersion,
+                           settings: SettingsDep) -> JSONResponse:
+    return await v2_infer_with(request, model, body, settings)
+
+
+async def v2_infer_with(request: Request, m: LoadedModel, body: V2InferRequest, settings: Settings) -> JSONResponse:
+    wanted = {o.name for o in body.outputs or []} - {"prediction"}
+    if wanted:
+        raise InputError.one(f"unknown outputs {sorted(wanted)}; this model has 'prediction'", field="outputs")
+    n = max((t.shape[0] for t in body.inputs if t.shape), default=0)
+    check_count(n, settings)
+    preds = await predict_records(request, m, lambda: tensors_frame(body.inputs), n)
+    out = {"name": "prediction", "shape": [len(preds)], "datatype": "FP64", "data": preds}
+    return JSONResponse({"model_name": m.name, "model_version": m.version, "id": body.id, "outputs": [out]})

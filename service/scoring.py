@@ -1,0 +1,49 @@
+"""The scoring path shared by the predict-style routes (v1 predict, /invocations, v2 infer):
+the record-count limit, where the work runs, and JSON-safe outputs. The model logic itself is
+the predictor's (modeling); this is only the HTTP side of calling it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import anyio
+import numpy as np
+import pandas as pd
+from fastapi import HTTPException, Request
+
+from service.registry import LoadedModel
+from service.settings import Settings
+
+INLINE_RECORDS = 256  # requests up to this many records are scored on the event loop
+
+
+def check_count(n: int, settings: Settings) -> None:
+    """413 when one request carries more than TABREC_MAX_RECORDS records."""
+    if n > settings.max_records:
+        raise HTTPException(413, f"{n} records in one request; the limit is {settings.max_records} "
+                                 "(TABREC_MAX_RECORDS)")
+
+
+async def predict_records(request: Request, model: LoadedModel,
+                          make_frame: Callable[[], pd.DataFrame], n: int) -> list[float | None]:
+    """Build the frame and predict: inline on the event loop for small requests (a thread hop
+    costs more than the work), in the threadpool for large ones so they do not stall the loop."""
+    def work() -> list[float | None]:
+        return predict_frame(request, model, make_frame())
+
+    if n <= INLINE_RECORDS:
+        return work()
+    return await anyio.to_thread.run_sync(work)
+
+
+def predict_frame(request: Request, model: LoadedModel, df: pd.DataFrame) -> list[float | None]:
+    """One vectorized predict call; non-finite outputs become null so the JSON stays valid.
+
+    Bad values (including integers beyond int64) are rejected by the model's input schema
+    with a RecordsError naming record and field (a 422)."""
+    raw = model.predictor.predict(df)
+    preds = np.asarray(raw, dtype=np.float64).reshape(-1)
+    request.app.state.metrics.records.labels(model.name).inc(len(preds))
+    out = preds.astype(object)
+    out[~np.isfinite(preds)] = None
+    return out.tolist()
