@@ -28,6 +28,7 @@ from modeling.bundle import (
     TabularSpec,
     load_bundle,
 )
+from modeling.drift import DriftSampler
 from modeling.errors import DataError
 from modeling.schema import InputSchema, canonical_strings
 from modeling.uri import ModelUri
@@ -163,6 +164,24 @@ class TabularPredictor(Predictor):
         if DRIFT_X_CAT not in extras or DRIFT_X_CONT not in extras:
             return None
         return extras[DRIFT_X_CAT].numpy(), extras[DRIFT_X_CONT].numpy()
+
+    def drift_exclusions(self) -> dict[str, str]:
+        """Model inputs that are a function of the row's date (declared by the feature pipeline),
+        with the reason: left out of the drift check."""
+        return self.features.time_relative_columns() if self.features is not None else {}
+
+    def group_columns(self) -> list[str]:
+        """Raw columns whose rows must be engineered together (e.g. Store: per-store events)."""
+        return self.features.group_columns() if self.features is not None else []
+
+    def drift_sampler(self, total_rows: int, rows: int = 5000, seed: int = 0) -> DriftSampler:
+        """A `modeling.drift.DriftSampler` against the bundle's training sample; feed it with
+        `predict(..., on_features=sampler.add)`."""
+        reference = self.drift_reference()
+        note = None if reference is not None else \
+            f"bundle has no training sample ({DRIFT_X_CAT}/{DRIFT_X_CONT}): drift check skipped"
+        return DriftSampler(self.processor, reference, total_rows=total_rows, rows=rows, seed=seed,
+                            exclusions=self.drift_exclusions(), groups=self.group_columns(), note=note)
 
     def _predict(self, df: pd.DataFrame, source: str, forest: Any,
                  on_features: FeaturesSink | None) -> tuple[np.ndarray, np.ndarray | None]:

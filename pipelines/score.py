@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from modeling.drift import DriftSampler
 from modeling.errors import DataError
 from modeling.schema import RecordsError, canonical_strings
 
@@ -498,110 +499,7 @@ def drift_exclusions(predictor: Any) -> dict[str, str]:
     flags and tables joined on a date column (weather, trends). Their `<col>_na` flags stay in: a
     join that stops matching is real skew.
     """
-    feats = getattr(predictor, "features", None)
-    return feats.time_relative_columns() if feats is not None else {}
-
-
-class DriftSampler:
-    """A seeded sample of the batch's processed features, drawn from every chunk in proportion, then
-    adversarial validation (random forest) against the training sample kept in the bundle.
-
-    Rows a `zero_when` rule answers without the model (closed stores) are left out, as they were
-    from training; columns that are a function of the row's date (`drift_exclusions`) are left
-    out of the comparison, and the reference is narrowed to the stores in the batch (`_reference`).
-    """
-
-    def __init__(self, predictor: Any, total_rows: int, rows: int = 5000, seed: int = 0) -> None:
-        self.predictor, self.total, self.target = predictor, max(total_rows, 1), rows
-        self.rng = np.random.default_rng(seed)
-        self.parts: list[pd.DataFrame] = []
-        self.seed = seed
-        self.note: str | None = None
-        self.train = self._training_frame()
-
-    def _columns(self) -> list[str]:
-        proc = self.predictor.processor
-        return [*proc.cat_names_out, *proc.cont_names]
-
-    def _frame(self, x_cat: np.ndarray, x_cont: np.ndarray) -> pd.DataFrame:
-        data = np.concatenate([x_cat.astype(np.float64), x_cont.astype(np.float64)], axis=1)
-        return pd.DataFrame(data, columns=self._columns())
-
-    def _training_frame(self) -> pd.DataFrame | None:
-        reference = self.predictor.drift_reference()
-        if reference is None:
-            self.note = "bundle has no training sample (drift_x_cat/drift_x_cont): drift check skipped"
-            return None
-        x_cat, x_cont = reference
-        proc = self.predictor.processor
-        if x_cat.shape[1] != len(proc.cat_names_out) or x_cont.shape[1] != len(proc.cont_names):
-            self.note = "bundle training sample does not match the processor's columns: drift check skipped"
-            return None
-        return self._frame(x_cat, x_cont)
-
-    @property
-    def active(self) -> bool:
-        return self.train is not None
-
-    def add(self, feats: pd.DataFrame, fixed: np.ndarray) -> None:
-        """Take this chunk's share of the sample from its engineered features (rows a zero_when
-        rule answers, `fixed`, are left out as they were from training)."""
-        if not self.active or len(feats) == 0:
-            return
-        pos = np.flatnonzero(~fixed)
-        n = min(len(pos), math.ceil(self.target * len(feats) / self.total))
-        if n == 0:
-            return
-        take = np.sort(self.rng.choice(pos, size=n, replace=False))
-        x_cat, x_cont = self.predictor.processor.transform(feats.iloc[take].reset_index(drop=True))
-        self.parts.append(self._frame(x_cat, x_cont))
-
-    def result(self) -> dict[str, Any]:
-        if not self.active:
-            return {"checked": False, "note": self.note}
-        batch = pd.concat(self.parts, ignore_index=True) if self.parts else pd.DataFrame()
-        if len(batch) < MIN_DRIFT_ROWS:
-            return {"checked": False, "note": f"only {len(batch)} model-scored rows in the batch sample "
-                                              f"(need {MIN_DRIFT_ROWS}): drift check skipped"}
-        from modeling.forest import ForestConfig, adversarial_validation
-
-        excluded = {c: r for c, r in drift_exclusions(self.predictor).items() if c in self._columns()}
-        cols = [c for c in self._columns() if c not in excluded]
-        if not cols:
-            return {"checked": False, "note": "every model input is time-relative: drift check skipped"}
-        log.info("drift check: comparing %d columns %s with the training sample; left out as functions "
-                 "of the date: %s", len(cols), cols, sorted(excluded))
-        reference, scope = self._reference(batch)
-        cfg = ForestConfig(n_estimators=25, max_rows=2 * self.target, seed=self.seed)
-        res = adversarial_validation(reference[cols], batch[cols], cfg)
-        top = [[n, float(v)] for n, v in res.top_features[:5]]
-        log.info("drift check: adversarial AUC %.3f on %d rows; features separating batch from training: %s",
-                 res.auc, res.n_rows, ", ".join(f"{n} ({v:.2f})" for n, v in top))
-        reasons: dict[str, list[str]] = {}
-        for c, r in excluded.items():
-            reasons.setdefault(r, []).append(c)
-        return {"checked": True, "auc": float(res.auc), "rows": int(res.n_rows), "top_features": top,
-                "compared_columns": cols, "excluded_columns": sorted(excluded), "excluded_reasons": reasons,
-                "reference": scope}
-
-    def _reference(self, batch: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
-        """The training sample, narrowed to the groups (stores) the batch holds: a batch of some known
-        stores is not drift, so the store mix is taken as given and the rest is compared within it.
-        Rows of groups the model never saw (code 0) stay in the batch and stand out."""
-        assert self.train is not None
-        groups = [g for g in group_columns(self.predictor) if g in self.predictor.processor.cat_names_out]
-        if len(groups) != 1:
-            return self.train, {"rows": len(self.train), "narrowed_to": None}
-        g = groups[0]
-        present = self.train[g].isin(batch[g].unique()).to_numpy()
-        narrow = not present.all() and int(present.sum()) >= MIN_DRIFT_ROWS
-        ref = self.train[present] if narrow else self.train
-        scope = {"rows": len(ref), "narrowed_to": g if narrow else None,
-                 "groups": int(ref[g].nunique()), "groups_in_training_sample": int(self.train[g].nunique())}
-        if narrow:
-            log.info("drift check: reference = the training sample's rows of the %d %s value(s) in the batch "
-                     "(%d of %d rows)", scope["groups"], g, len(ref), len(self.train))
-        return ref, scope
+    return predictor.drift_exclusions() if predictor.kind == "tabular" else {}
 
 
 def _drift_gate(sampler: DriftSampler | None, max_auc: float, fail: bool) -> dict[str, Any]:
@@ -612,6 +510,14 @@ def _drift_gate(sampler: DriftSampler | None, max_auc: float, fail: bool) -> dic
     if not drift["checked"]:
         log.info("%s", drift["note"])
         return drift
+    log.info("drift check: comparing %d columns %s with the training sample; left out as functions "
+             "of the date: %s", len(drift["compared_columns"]), drift["compared_columns"], drift["excluded_columns"])
+    scope = drift["reference"]
+    if scope.get("narrowed_to"):
+        log.info("drift check: reference = the training sample's rows of the %d %s value(s) in the batch "
+                 "(%d rows)", scope["groups"], scope["narrowed_to"], scope["rows"])
+    log.info("drift check: adversarial AUC %.3f on %d rows; features separating batch from training: %s",
+             drift["auc"], drift["rows"], ", ".join(f"{n} ({v:.2f})" for n, v in drift["top_features"]))
     drift["max_auc"] = max_auc
     drift["exceeded"] = drift["auc"] > max_auc
     if drift["exceeded"]:
@@ -629,8 +535,7 @@ def _drift_gate(sampler: DriftSampler | None, max_auc: float, fail: bool) -> dic
 
 def group_columns(predictor: Any) -> list[str]:
     """Columns whose rows must be scored together (features computed from events in the batch)."""
-    feats = getattr(predictor, "features", None)
-    return feats.group_columns() if feats is not None else []
+    return predictor.group_columns() if predictor.kind == "tabular" else []
 
 
 def key_columns(predictor: Any, inputs: InputSet) -> list[str]:
@@ -862,7 +767,7 @@ def _score(model: str, in_path: Path, out: Path, sub: Path | None, run: Any, sta
                       "output": str(out), "submission_csv": str(sub) if sub else None,
                       "batch_rows": batch_rows, "chunk_mode": plan.mode, "max_drift_auc": max_drift_auc,
                       "fail_on_drift": fail_on_drift, "uncertainty": uncertainty})
-    sampler = DriftSampler(predictor, plan.total_rows, drift_rows) if predictor.kind == "tabular" else None
+    sampler = predictor.drift_sampler(plan.total_rows, drift_rows) if predictor.kind == "tabular" else None
     sink = sampler.add if sampler is not None and sampler.active else None
     writers = [AtomicTableWriter(out, schemas[0])]
     if sub is not None:

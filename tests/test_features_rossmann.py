@@ -21,7 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from modeling.bundle import save_bundle
+from modeling.bundle import ModelSpec, TabularSpec, Target, ZeroRule, save_bundle
 from modeling.embeddings import get_emb_szs
 from modeling.predictors import TabularPredictor, load_predictor
 from modeling.processor import TabularProcessor
@@ -68,10 +68,9 @@ def serving_predictor(pipe, fit_rows: pd.DataFrame, folder: Path) -> TabularPred
     proc = TabularProcessor(pipe.meta["cat_cols"], pipe.meta["cont_cols"]).fit(fit_rows)
     model = TabularModel(get_emb_szs(proc.cardinalities), len(proc.cont_names), layers=[8], ps=[0.0],
                          y_range=(0.0, 12.0))
-    meta = {"inputs": input_schema().to_dict(), "processor": proc.to_dict(),
-            "target": {"name": "Sales", "transform": "log"}, "zero_when": [{"column": "Open", "equals": 0}],
-            "key_columns": ["Id"]}
-    save_bundle(folder, kind="tabular", model=model, meta=meta, features=pipe)
+    spec = TabularSpec(model=ModelSpec.of(model), inputs=input_schema(), processor=proc.to_dict(),
+                       target=Target("Sales", "log"), zero_when=[ZeroRule("Open", 0)], key_columns=["Id"])
+    save_bundle(folder, spec, [model], features=pipe)
     predictor = load_predictor(str(folder))
     assert isinstance(predictor, TabularPredictor)
     return predictor
