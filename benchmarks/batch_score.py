@@ -3,7 +3,7 @@
 Usage: python benchmarks/batch_score.py [--rows 2000000] [--users 100000] [--model URI]
                                         [--batch-rows 100000] [--stores 300] [--skip-rss]
 
-- score: rows/s of `pipelines.score.score_file` end to end (Parquet in -> features -> model ->
+- score: rows/s of `pipelines.batch.score_file` end to end (Parquet in -> features -> model ->
   Parquet out, drift check and MLflow run included) on N synthetic Rossmann-schema rows: the
   synthetic test.csv of a store set, repeated with dates shifted forward, in Kaggle row order
   (date-major, so stores interleave and the job must bucket by store).
@@ -179,7 +179,7 @@ def child(argv: list[str]) -> None:
         load_predictor(bundle)
         res: dict[str, Any] = {}
     else:
-        from pipelines.score import score_file
+        from pipelines.batch import score_file
 
         res = score_file(bundle, argv[2], argv[3], quiet=True, batch_rows=int(argv[4]))
     print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
@@ -213,7 +213,7 @@ def main() -> None:
         child(args.child)
         return
 
-    from pipelines.score import recommend_file, score_file
+    from pipelines.batch import recommend_file, score_file
 
     with tempfile.TemporaryDirectory(prefix="tabrec-bench-") as tmp_dir:
         tmp = Path(tmp_dir)

@@ -355,7 +355,7 @@ def score_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Score a file with a tabular or ratings model (keys + prediction, Parquet)."""
-    from pipelines.score import score_file
+    from pipelines.batch import score_file
 
     _run(lambda: score_file(model, input, output, quiet=quiet, uncertainty=uncertainty, max_drift_auc=max_drift_auc,
                             fail_on_drift=fail_on_drift, drift_rows=drift_rows, batch_rows=batch_rows,
@@ -376,7 +376,7 @@ def recommend_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Top-k recommendations for all or listed users, seen items excluded."""
-    from pipelines.score import recommend_file
+    from pipelines.batch import recommend_file
 
     _run(lambda: recommend_file(model, output, users=users, k=k, quiet=quiet, exclude_seen=not include_seen,
                                 batch_rows=batch_rows, experiment=experiment, track=track), as_json, quiet)

@@ -1,4 +1,5 @@
-"""MLflow glue: run lifecycle, parameter/metric/plot logging, the bundle as a pyfunc, registry.
+"""MLflow glue: run lifecycle, parameter/metric/plot logging, the bundle as a pyfunc, registry,
+and what batch runs add (a fast reachability check, ending the runs of a killed batch process).
 
 A run that raises ends FAILED with the error as a tag; nothing is registered from it.
 """
@@ -8,16 +9,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
+from modeling.errors import DataError
 from modeling.training.callbacks import Callback
 
 log = logging.getLogger("tabrec.tracking")
@@ -204,3 +208,47 @@ def register_and_promote(
         "champion_metric": current,
         "metric": metric,
     }
+
+
+# ---------------------------------------------------------------- batch runs
+# pipelines.batch imports this module only when a job is tracked or its model lives in MLflow:
+# importing mlflow takes seconds, and `--no-track` on a local bundle never needs it.
+
+TRACKING_TIMEOUT_S = 5.0
+
+
+class TrackingUnavailableError(DataError):
+    """The MLflow tracking server cannot be reached."""
+
+
+def check_tracking_reachable(timeout: float = TRACKING_TIMEOUT_S) -> str:
+    """Fail fast (not after MLflow's minutes of retries) when an http(s) tracking server is down."""
+    uri = tracking_uri()
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname or "localhost", port), timeout=timeout).close()
+        except OSError as exc:
+            raise TrackingUnavailableError(
+                f"MLflow tracking server {uri} is unreachable ({exc.strerror or exc}); "
+                "check MLFLOW_TRACKING_URI or run without tracking") from exc
+    return uri
+
+
+def end_stale_runs(run: Any, tag: str, value: str) -> int:
+    """Mark the experiment's other RUNNING runs tagged `tag` = `value` KILLED, with the reason as a tag.
+
+    A batch job calls this for its output while holding the output's lock: a run of the same output
+    still RUNNING held that lock too, so its process is gone (killed before it could end the run).
+    """
+    if "'" in value:
+        return 0
+    client = MlflowClient()
+    flt = f"tags.`{tag}` = '{value}' and attributes.status = 'RUNNING'"
+    stale = [r for r in client.search_runs([run.info.experiment_id], flt, max_results=100)
+             if r.info.run_id != run.info.run_id]
+    for r in stale:
+        client.set_tag(r.info.run_id, "error", "process died (found RUNNING by a later run)")
+        client.set_terminated(r.info.run_id, "KILLED")
+    return len(stale)

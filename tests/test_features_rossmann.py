@@ -27,6 +27,7 @@ from modeling.predictors import TabularPredictor, load_predictor
 from modeling.processor import TabularProcessor
 from modeling.schema import RecordError, RecordsError
 from modeling.tabular import TabularModel
+from pipelines.batch import drift_exclusions, group_columns, key_columns, open_inputs
 from pipelines.features.rossmann import (
     EVENT_CAP,
     EVENT_WINDOW,
@@ -47,7 +48,6 @@ from pipelines.ingest.rossmann import (
     read_test,
     read_train,
 )
-from pipelines.score import drift_exclusions, group_columns, key_columns, open_inputs
 from service import Settings, create_app
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "rossmann"

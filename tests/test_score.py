@@ -1,4 +1,4 @@
-"""Batch jobs (pipelines.score): scoring, recommendations, atomic output, locking, drift and faults."""
+"""Batch jobs (pipelines.batch): scoring, recommendations, atomic output, locking, drift and faults."""
 
 from __future__ import annotations
 
@@ -23,15 +23,15 @@ from typer.testing import CliRunner
 
 from modeling.errors import DataError
 from modeling.predictors import load_predictor
-from pipelines.score import (
+from pipelines.batch import (
     DriftError,
     OutputError,
     OutputLockedError,
-    TrackingUnavailableError,
     output_lock,
     recommend_file,
     score_file,
 )
+from pipelines.tracking import TrackingUnavailableError
 
 ROSS = "models:/rossmann@champion"
 RATINGS = "models:/ratings@champion"

@@ -174,7 +174,7 @@ def test_rossmann_spark_udf_parquet_to_parquet_equals_pyfunc_and_batch(spark, st
     """The docs/spark.md recipe: Parquet in, whole stores per Arrow batch, Parquet out."""
     from pyspark.sql.functions import struct
 
-    from pipelines.score import score_file
+    from pipelines.batch import score_file
 
     src = tmp_path / "rows.parquet"
     rossmann_rows.to_parquet(src, index=False)
@@ -200,7 +200,7 @@ def test_rossmann_spark_udf_parquet_to_parquet_equals_pyfunc_and_batch(spark, st
     np.testing.assert_allclose(got, pyfunc, **TOL)
     np.testing.assert_allclose(got, batch, **TOL)
 
-    # and `tabrec score` (pipelines.score.score_file) on the same Parquet file
+    # and `tabrec score` (pipelines.batch.score_file) on the same Parquet file
     res = score_file(ROSS, src, tmp_path / "tabrec.parquet", quiet=True, track=False)
     job = scored_by_id(pd.read_parquet(res["output"]), rossmann_rows["Id"])
     np.testing.assert_allclose(got, job, **TOL)

@@ -18,7 +18,7 @@ from modeling.errors import DataError
 from modeling.forest import error_by_confidence
 from modeling.forest_arrays import FIELDS
 from modeling.predictors import load_predictor
-from pipelines.score import score_file
+from pipelines.batch import score_file
 
 
 @pytest.fixture(scope="module")
