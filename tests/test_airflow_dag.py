@@ -82,6 +82,28 @@ def test_dag_module_imports_with_or_without_airflow_and_reads_every_path_from_th
         assert module.dag.get_task("score_rossmann").upstream_task_ids == {"train_rossmann"}
 
 
+@pytest.mark.parametrize(("date", "weekday", "rc", "says"), [
+    (MONDAY, "1", 0, "train rossmann --train"),
+    (TUESDAY, "1", 99, f"tabrec: {TUESDAY} is not a training day (train_weekday=1): nothing trained"),
+    (TUESDAY, "2", 0, "train rossmann --train"),
+    (MONDAY, "Monday", 2, "want 1-7"),
+    ("2026-13-45", "1", 2, "cannot tell if 2026-13-45 is a training day"),
+])
+def test_training_day_guard_exit_codes(date, weekday, rc, says):
+    """The train task's command with `echo` for tabrec: 99 (skipped) off the training day, and a
+    bad date or weekday setting is exit 2 (failed, not retried), never a silent skip."""
+    module = _load_dag_module()
+    env = {"PATH": "/usr/bin:/bin", "TABREC_BIN": "/bin/echo", "TABREC_DATA": "/data", "TABREC_DATE": date,
+           "TABREC_TRAIN_WEEKDAY": weekday, "TABREC_TRAIN_ROSSMANN_ARGS": "--epochs 1"}
+    done = subprocess.run(["/bin/bash", "-c", module.TRAIN_ROSSMANN], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == rc and says in done.stdout + done.stderr
+    if rc == 0:
+        assert done.stdout.split() == ["train", "rossmann", "--train", "/data/rossmann/train.csv", "--store",
+                                       "/data/rossmann/store.csv", "--register", "rossmann", "--json", "--quiet",
+                                       "--epochs", "1"]
+
+
 # ---------------------------------------------------------------------------- the real Airflow
 
 

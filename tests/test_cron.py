@@ -91,8 +91,26 @@ def test_crontab_settings_jobs_and_the_dag_agree():
         assert command.startswith("TABREC_DATE=${TABREC_DATE:-$(date +%F)}; ")
         assert dag.COMMANDS[task] in command, job
     for job in JOBS[:2]:
-        assert 'if [ "$(date -d "$TABREC_DATE" +%u)" != "$TABREC_TRAIN_WEEKDAY" ]' in jobs[job][1]
-        assert dag.NOT_A_TRAINING_DAY in jobs[job][1]
+        assert dag.WEEKDAY in jobs[job][1] and dag.NOT_A_TRAINING_DAY in jobs[job][1]
+
+
+@pytest.mark.parametrize(("date", "weekday", "rc", "logged", "mailed"), [
+    (MONDAY, "1", 0, "train rossmann --train", ""),
+    (TUESDAY, "1", 0, f"tabrec: {TUESDAY} is not a training day (train_weekday=1): nothing trained", ""),
+    (TUESDAY, "2", 0, "train rossmann --train", ""),
+    (MONDAY, "Monday", 2, "want 1-7", f"tabrec train rossmann for {MONDAY} failed (exit 2)"),
+    ("2026-13-45", "1", 2, "cannot tell if 2026-13-45 is a training day", "failed (exit 2)"),
+])
+def test_training_day_guard(tmp_path, date, weekday, rc, logged, mailed):
+    """The guard alone (`echo` stands in for tabrec): not a training day is exit 0 with a note,
+    a bad date or weekday setting is a mailed exit 2, never a silent skip."""
+    settings, jobs = parse_crontab(CRONTAB.read_text())
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **settings, "TABREC_BIN": "/bin/echo",
+           "TABREC_LOG": str(tmp_path), "TABREC_DATE": date, "TABREC_TRAIN_WEEKDAY": weekday}
+    done = subprocess.run(["/bin/bash", "-c", jobs["train-rossmann"][1]], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == rc and mailed in done.stdout and (done.stdout == "") == (mailed == "")
+    assert logged in (tmp_path / "train-rossmann.log").read_text()
 
 
 def test_a_bare_percent_is_caught():

@@ -82,13 +82,17 @@ COMMANDS = {
     "recommend": '"$TABREC_BIN" recommend --model models:/ratings@champion '
                  '--output "$TABREC_OUT/recommendations/$TABREC_DATE.parquet" --json --quiet $TABREC_RECOMMEND_ARGS',
 }
+# The training-day guard, shared with cron.example. GNU `date` gives the ISO weekday of the run's
+# day; an unreadable date or a train_weekday outside 1-7 is a usage error (exit 2), never a silent skip.
+WEEKDAY = ('wd=$(date -d "$TABREC_DATE" +%u) && case "$TABREC_TRAIN_WEEKDAY" in [1-7]) ;; *) false ;; esac '
+           '|| { echo "tabrec: cannot tell if $TABREC_DATE is a training day (train_weekday '
+           '\'$TABREC_TRAIN_WEEKDAY\', want 1-7; GNU date needed)" >&2; exit 2; }')
 NOT_A_TRAINING_DAY = 'tabrec: $TABREC_DATE is not a training day (train_weekday=$TABREC_TRAIN_WEEKDAY): nothing trained'
 
 
 def _on_training_day(cmd: str) -> str:
     """Run `cmd` on the training weekday; on other days exit 99 (skipped) before anything starts."""
-    return (f'if [ "$(date -d "$TABREC_DATE" +%u)" != "$TABREC_TRAIN_WEEKDAY" ]; then '
-            f'echo "{NOT_A_TRAINING_DAY}"; exit {SKIP}; fi; {cmd}')
+    return f'{WEEKDAY}; if [ "$wd" != "$TABREC_TRAIN_WEEKDAY" ]; then echo "{NOT_A_TRAINING_DAY}"; exit {SKIP}; fi; {cmd}'
 
 
 TRAIN_ROSSMANN = _on_training_day(COMMANDS["train_rossmann"])
