@@ -5,7 +5,8 @@ A job line is taken apart like cron does (five time fields, then the command; `\
 (pointed at temp dirs) and cron's bare environment (PATH=/usr/bin:/bin, HOME). The day comes from
 TABREC_DATE (the documented rerun/backfill) or from a fake clock: a `date` on PATH that answers
 `date +%F` with the day under test. The slow tests run the real `tabrec` console script against a
-temp sqlite MLflow store; the fast ones check the file itself.
+real `mlflow server` on localhost (the remote tracking server of the crontab's settings, with
+proxied artifacts); the fast ones check the file itself.
 """
 
 from __future__ import annotations
@@ -14,8 +15,14 @@ import importlib.util
 import os
 import re
 import shutil
+import signal
+import socket
 import stat
 import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -168,8 +175,46 @@ class Cron:
 
 
 @pytest.fixture(scope="module")
-def cron(tmp_path_factory: pytest.TempPathFactory) -> Cron:
-    return Cron(make_world(tmp_path_factory.mktemp("cron")))
+def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` (sqlite backend, proxied artifacts) on a free local port: the remote
+    tracking server the crontab's MLFLOW_TRACKING_URI names, as in production."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(root / "server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                             "--artifacts-destination", str(root / "artifacts")],
+                            cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600  # a fresh store runs all of MLflow's migrations first
+        while True:
+            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, (root / "server.log").read_text()[-3000:]
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def cron(tmp_path_factory: pytest.TempPathFactory, tracking_server: str) -> Cron:
+    world = make_world(tmp_path_factory.mktemp("cron"))
+    return Cron({**world, "tracking_uri": tracking_server})
 
 
 def _out(cron: Cron, kind: str, date: str) -> Path:

@@ -7,6 +7,11 @@ own virtualenv (key `bin`), so Airflow needs no tabrec imports and tabrec needs 
 pipelines/schedules/README.md has the commands, the data layout and what each failure leaves
 behind; tests/test_airflow_dag.py runs this file in a real Airflow (`airflow dags test`).
 
+Remote MLflow: set key `mlflow_tracking_uri` to the server (e.g. http://mlflow.internal:5000, run
+with proxied artifacts). Its credentials (MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and
+_PASSWORD) come from the worker's environment, which every task inherits (`append_env=True`), or
+from ~/.mlflow/credentials; never from the Variable.
+
 Exit codes become task states (see `TabrecOperator`):
 0 success; 99 skipped (not a training day); 2 bad input or usage: failed at once, no retries
 (a retry would read the same input); anything else (1 internal error, killed): retried.
