@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO := demo
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: install run test test-slow test-all lint bench clean
+.PHONY: install run test test-slow test-all lint bench clean airflow-venv
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found (Python 3.11 is required)" >&2; exit 2; }
@@ -35,6 +35,11 @@ test-slow: $(SPARK_STAMP)
 	$(BIN)/python -m pytest -q -m slow; rc=$$?; if [ $$rc -eq 5 ]; then echo "no slow tests"; exit 0; fi; exit $$rc
 
 test-all: test test-slow
+
+# The Airflow 3 venv that tests/test_airflow_dag.py runs the DAG in (cached outside the repo; the
+# test builds it on demand too). Prints its path and how long the install took.
+airflow-venv: $(STAMP)
+	$(BIN)/python tests/airflow_env.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

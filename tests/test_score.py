@@ -409,21 +409,6 @@ def test_leftovers_of_a_crashed_run_are_removed(store, bundles, tmp_path):
     assert _hidden(tmp_path) == [".unrelated.tmp"]
 
 
-def test_airflow_dag_example_imports_with_or_without_airflow():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "pipelines" / "schedules" / "airflow_dag.py"
-    spec = importlib.util.spec_from_file_location("tabrec_airflow_dag", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert "tabrec score --model models:/rossmann@champion" in module.SCORE
-    if importlib.util.find_spec("airflow") is None:
-        assert module.dag is None
-    else:
-        assert {t.task_id for t in module.dag.tasks} == {"train_and_promote", "score_rossmann", "recommend"}
-        assert module.dag.get_task("score_rossmann").upstream_task_ids == {"train_and_promote"}
-
-
 def _cli():
     from pipelines.cli import app
 
