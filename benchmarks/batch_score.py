@@ -73,8 +73,8 @@ def peak_rss_mb() -> float:
 def train_rossmann_bundle(root: Path, stores: int, seed: int) -> tuple[str, pd.DataFrame]:
     """Train a 1-epoch Rossmann model on synthetic data; return its bundle dir and the test rows."""
     from modeling.bundle import resolve_bundle_dir
+    from pipelines.jobs.rossmann import RossmannConfig, train_rossmann
     from pipelines.synth import write_rossmann
-    from pipelines.train_rossmann import RossmannConfig, train_rossmann
 
     files = write_rossmann(root / "rossmann", stores=stores, days=240, seed=seed)
     res = train_rossmann(RossmannConfig(train=str(files["train.csv"]), store=str(files["store.csv"]),
@@ -156,8 +156,8 @@ def forward_floor(bundle: str, x_cat: np.ndarray, x_cont: np.ndarray) -> float:
 
 def train_ratings_bundle(root: Path, users: int, seed: int) -> str:
     from modeling.bundle import resolve_bundle_dir
+    from pipelines.jobs.ratings import RatingsConfig, train_ratings
     from pipelines.synth import write_ratings
-    from pipelines.train_ratings import RatingsConfig, train_ratings
 
     files = write_ratings(root / "ratings", users=users, items=1682, ratings=users * 12, seed=seed)
     res = train_ratings(RatingsConfig(ratings=str(files["u.data"]), items=str(files["movies.csv"]),

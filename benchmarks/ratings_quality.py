@@ -24,7 +24,7 @@ from pathlib import Path
 def _child(args: argparse.Namespace) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(args.workdir) / 'mlflow.db'}"
     os.chdir(args.workdir)
-    from pipelines.train_ratings import RatingsConfig, train_ratings
+    from pipelines.jobs.ratings import RatingsConfig, train_ratings
 
     if args.child == "scale":
         from pipelines.synth import write_ratings

@@ -55,7 +55,7 @@ def main() -> None:
     from mlflow import MlflowClient
 
     from modeling.predictors import load_predictor
-    from pipelines.train_rossmann import RossmannConfig, train_rossmann
+    from pipelines.jobs.rossmann import RossmannConfig, train_rossmann
 
     data = Path(args.data)
     layers = tuple(int(x) for x in args.layers.split(",") if x)

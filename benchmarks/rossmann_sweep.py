@@ -41,12 +41,12 @@ def main() -> None:
     import torch
 
     from modeling.training import EarlyStopping, Trainer
-    from pipelines.train_rossmann import (
+    from pipelines.jobs.rossmann import (
         RossmannConfig,
-        _log_rmspe,
-        _rmspe_metric,
         build_model,
+        log_rmspe,
         prepare,
+        rmspe_metric,
     )
 
     data_dir = Path(args.data)
@@ -63,13 +63,13 @@ def main() -> None:
                                                     for k, v in override.items()}})
         cfg.lr = str(cfg.lr)
         torch.manual_seed(cfg.seed)
-        trainer = Trainer(build_model(cfg, data), metrics={"rmspe": _rmspe_metric}, lr=float(cfg.lr), wd=cfg.wd,
+        trainer = Trainer(build_model(cfg, data), metrics={"rmspe": rmspe_metric}, lr=float(cfg.lr), wd=cfg.wd,
                           batch_size=cfg.batch_size, seed=cfg.seed, quiet=True,
                           callbacks=[EarlyStopping(monitor="rmspe", mode="min", patience=max(2, cfg.epochs))])
         start = time.perf_counter()
         history = trainer.fit(data.train, data.valid, epochs=cfg.epochs)
         seconds = time.perf_counter() - start
-        rmspe = _log_rmspe(data.valid.y.numpy(), trainer.predict(data.valid.xs).numpy())
+        rmspe = log_rmspe(data.valid.y.numpy(), trainer.predict(data.valid.xs).numpy())
         out["runs"].append({**override, "batch_size": cfg.batch_size, "valid_rmspe": rmspe, "fit_seconds": seconds,
                             "seconds_per_epoch": seconds / cfg.epochs,
                             "rmspe_by_epoch": [round(e["rmspe"], 4) for e in history]})

@@ -5,8 +5,8 @@ Usage: python benchmarks/serve_load.py [--duration 10] [--warmup 2] [--concurren
                                       [--keep DIR]
 
 Without --tracking-uri, small synthetic Rossmann and ratings models are trained first (the
-pipelines' own `pipelines.synth` + `train_rossmann` / `train_ratings`, the sizes the test
-suite's session fixture uses; under a minute on a quiet machine) into a temporary MLflow sqlite store
+pipelines' own `pipelines.synth` + `pipelines.jobs` (`train_rossmann` / `train_ratings`), the sizes the
+test suite's session fixture uses; under a minute on a quiet machine) into a temporary MLflow sqlite store
 and registered with alias `champion`. Then three servers start on free loopback ports, each
 in its own process group:
 
@@ -75,9 +75,9 @@ def load_1m() -> float:
 # ---------------------------------------------------------------- models and payloads
 def train_models(root: Path) -> dict[str, Any]:
     """Small synthetic models, registered as `rossmann` and `ratings` (alias champion)."""
+    from pipelines.jobs.ratings import RatingsConfig, train_ratings
+    from pipelines.jobs.rossmann import RossmannConfig, train_rossmann
     from pipelines.synth import write_ratings, write_rossmann
-    from pipelines.train_ratings import RatingsConfig, train_ratings
-    from pipelines.train_rossmann import RossmannConfig, train_rossmann
 
     ross = write_rossmann(root / "rossmann", stores=12, days=300, seed=0)
     rat = write_ratings(root / "ratings", users=200, items=300, ratings=10_000, seed=0)

@@ -55,8 +55,8 @@ def loadavg() -> float | None:
 
 def train_model(root: Path, stores: int, seed: int) -> tuple[str, pd.DataFrame]:
     """A 1-epoch Rossmann model in the current MLflow store; its runs:/ URI and test rows."""
+    from pipelines.jobs.rossmann import RossmannConfig, train_rossmann
     from pipelines.synth import write_rossmann
-    from pipelines.train_rossmann import RossmannConfig, train_rossmann
 
     files = write_rossmann(root / "rossmann", stores=stores, days=240, seed=seed)
     res = train_rossmann(RossmannConfig(train=str(files["train.csv"]), store=str(files["store.csv"]),

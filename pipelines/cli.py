@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from modeling.errors import DataError
+from pipelines.jobs.config import RatingsConfig, RossmannConfig, option_help
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, track and serve entity-embedding tabular models and recommenders.")
@@ -36,6 +37,11 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars 
 SeedOpt = Annotated[int, typer.Option(help="Seed for every random choice.")]
 NprocOpt = Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel worker processes (DDP via torchrun; "
                                        "gloo on CPU, NCCL on GPU). See docs/distributed.md.")]
+
+
+def _layers_text(sizes: tuple[int, ...]) -> str:
+    """(500, 250) -> '500,250': the form --layers takes (see _parse_layers)."""
+    return ",".join(str(n) for n in sizes)
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -105,51 +111,53 @@ def synth_ratings(
 
 
 # ---------------------------------------------------------------- train ratings
-def _ratings_config(**kw: Any) -> Any:
-    from pipelines.train_ratings import RatingsConfig
+# The train/lr-find options take their defaults and help texts from the config dataclasses.
+Rat, Ross = RatingsConfig, RossmannConfig
 
-    return RatingsConfig(**kw)
+
+def _opt(cfg: type, name: str, *args: Any, **kw: Any) -> Any:
+    """typer.Option with the help text of config field `name` (its default is `cfg.name`)."""
+    return typer.Option(*args, help=option_help(cfg, name), **kw)
 
 
 @train_app.command("ratings")
 def train_ratings_cmd(
     ctx: typer.Context,
-    ratings: Annotated[str, typer.Option(help="Ratings file (u.data, ratings.dat, ratings.csv, CSV, Parquet).")],
-    format: Annotated[str, typer.Option(help="auto|ml-100k|ml-1m|ml-latest|csv|parquet")] = "auto",
-    items: Annotated[str | None, typer.Option(help="Item metadata (u.item, movies.dat, movies.csv).")] = None,
-    valid: Annotated[str | None, typer.Option(help="Explicit validation ratings file.")] = None,
-    valid_frac: Annotated[float, typer.Option(help="Validation fraction when --valid is not given.")] = 0.2,
-    split: Annotated[str, typer.Option(help="random|time|user-last")] = "random",
-    model: Annotated[str, typer.Option(help="dot (DotProductBias) or nn (EmbeddingNN)")] = "dot",
-    factors: Annotated[int, typer.Option(min=1)] = 50,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Default: dot 5, nn 20.")] = None,
-    lr: Annotated[str | None, typer.Option(help="'auto' (lr finder) or a number. Default: dot 1e-2, nn 3e-2.")] = None,
-    wd: Annotated[float | None, typer.Option(help="AdamW decoupled weight decay. Default: dot 0.3, nn 0.5.")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, help="Default: dot 1024, nn 4096.")] = None,
-    dropout: Annotated[float | None, typer.Option(min=0.0, max=0.99, help="nn only: dense-layer dropout (0.5).")] = None,
-    embed_p: Annotated[float | None, typer.Option(min=0.0, max=0.99,
-                                                  help="nn only: embedding dropout (0.3).")] = None,
-    seed: SeedOpt = 0,
-    experiment: Annotated[str, typer.Option()] = "ratings",
-    register: Annotated[str | None, typer.Option(help="Register as this model name.")] = None,
-    force: Annotated[bool, typer.Option(help="Promote to champion even if not better.")] = False,
-    user_col: Annotated[str | None, typer.Option()] = None,
-    item_col: Annotated[str | None, typer.Option()] = None,
-    rating_col: Annotated[str | None, typer.Option()] = None,
-    time_col: Annotated[str | None, typer.Option()] = None,
+    ratings: Annotated[str, _opt(Rat, "ratings")],
+    format: Annotated[str, _opt(Rat, "format")] = Rat.format,
+    items: Annotated[str | None, _opt(Rat, "items")] = Rat.items,
+    valid: Annotated[str | None, _opt(Rat, "valid")] = Rat.valid,
+    valid_frac: Annotated[float, _opt(Rat, "valid_frac")] = Rat.valid_frac,
+    split: Annotated[str, _opt(Rat, "split")] = Rat.split,
+    model: Annotated[str, _opt(Rat, "model")] = Rat.model,
+    factors: Annotated[int, _opt(Rat, "factors", min=1)] = Rat.factors,
+    epochs: Annotated[int | None, _opt(Rat, "epochs", min=1)] = Rat.epochs,
+    lr: Annotated[str | None, _opt(Rat, "lr")] = Rat.lr,
+    wd: Annotated[float | None, _opt(Rat, "wd")] = Rat.wd,
+    batch_size: Annotated[int | None, _opt(Rat, "batch_size", min=1)] = Rat.batch_size,
+    dropout: Annotated[float | None, _opt(Rat, "dropout", min=0.0, max=0.99)] = Rat.dropout,
+    embed_p: Annotated[float | None, _opt(Rat, "embed_p", min=0.0, max=0.99)] = Rat.embed_p,
+    seed: SeedOpt = Rat.seed,
+    experiment: Annotated[str, _opt(Rat, "experiment")] = Rat.experiment,
+    register: Annotated[str | None, _opt(Rat, "register")] = Rat.register,
+    force: Annotated[bool, _opt(Rat, "force")] = Rat.force,
+    user_col: Annotated[str | None, _opt(Rat, "user_col")] = Rat.user_col,
+    item_col: Annotated[str | None, _opt(Rat, "item_col")] = Rat.item_col,
+    rating_col: Annotated[str | None, _opt(Rat, "rating_col")] = Rat.rating_col,
+    time_col: Annotated[str | None, _opt(Rat, "time_col")] = Rat.time_col,
     as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
+    quiet: QuietOpt = Rat.quiet,
     nproc: NprocOpt = 1,
 ) -> None:
     """Train a DotProductBias or EmbeddingNN recommender."""
-    from pipelines.train_ratings import train_ratings
+    from pipelines.jobs.ratings import train_ratings
 
     cfg_kw = dict(ratings=ratings, format=format, items=items, valid=valid, valid_frac=valid_frac, split=split,
                   model=model, factors=factors, epochs=epochs, lr=lr, wd=wd, batch_size=batch_size, dropout=dropout,
                   embed_p=embed_p, seed=seed,
                   experiment=experiment, register=register, force=force, user_col=user_col,
                   item_col=item_col, rating_col=rating_col, time_col=time_col, quiet=quiet)
-    _run_train(ctx, lambda: train_ratings(_ratings_config(**cfg_kw)), as_json, quiet, nproc)
+    _run_train(ctx, lambda: train_ratings(RatingsConfig(**cfg_kw)), as_json, quiet, nproc)
 
 
 def _human_train(r: dict[str, Any]) -> str:
@@ -237,26 +245,26 @@ def _command_argv(ctx: typer.Context, drop: set[str]) -> list[str]:
 @train_app.command("rossmann")
 def train_rossmann_cmd(
     ctx: typer.Context,
-    train: Annotated[str, typer.Option(help="Kaggle train.csv (.csv, .csv.gz or .parquet).")],
-    store: Annotated[str, typer.Option(help="Kaggle store.csv.")],
-    external_dir: Annotated[str | None, typer.Option(help="Folder with store_states.csv, weather/, googletrend/.")] = None,
-    trends: Annotated[bool, typer.Option(help="Use the Google Trends columns as inputs (off: they drift with time).")] = False,
-    valid_days: Annotated[int, typer.Option(min=1, help="Last N days of train.csv are the validation set.")] = 42,
-    epochs: Annotated[int, typer.Option(min=1)] = 4,
-    lr: Annotated[str, typer.Option(help="'auto' (lr finder) or a number")] = "auto",
-    batch_size: Annotated[int, typer.Option(min=2)] = 512,
-    layers: Annotated[str, typer.Option(help="Hidden layer sizes, comma-separated.")] = "500,250",
-    wd: Annotated[float, typer.Option(min=0.0, help="AdamW decoupled weight decay.")] = 0.2,
-    seed: SeedOpt = 0,
-    experiment: Annotated[str, typer.Option()] = "rossmann",
-    register: Annotated[str | None, typer.Option(help="Register as this model name.")] = None,
-    force: Annotated[bool, typer.Option(help="Promote to champion even if not better.")] = False,
+    train: Annotated[str, _opt(Ross, "train")],
+    store: Annotated[str, _opt(Ross, "store")],
+    external_dir: Annotated[str | None, _opt(Ross, "external_dir")] = Ross.external_dir,
+    trends: Annotated[bool, _opt(Ross, "trends")] = Ross.trends,
+    valid_days: Annotated[int, _opt(Ross, "valid_days", min=1)] = Ross.valid_days,
+    epochs: Annotated[int, _opt(Ross, "epochs", min=1)] = Ross.epochs,
+    lr: Annotated[str, _opt(Ross, "lr")] = Ross.lr,
+    batch_size: Annotated[int, _opt(Ross, "batch_size", min=2)] = Ross.batch_size,
+    layers: Annotated[str, _opt(Ross, "layers")] = _layers_text(Ross.layers),
+    wd: Annotated[float, _opt(Ross, "wd", min=0.0)] = Ross.wd,
+    seed: SeedOpt = Ross.seed,
+    experiment: Annotated[str, _opt(Ross, "experiment")] = Ross.experiment,
+    register: Annotated[str | None, _opt(Ross, "register")] = Ross.register,
+    force: Annotated[bool, _opt(Ross, "force")] = Ross.force,
     as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
+    quiet: QuietOpt = Ross.quiet,
     nproc: NprocOpt = 1,
 ) -> None:
     """Train the entity-embedding TabularModel on Rossmann data, with forest checks."""
-    from pipelines.train_rossmann import RossmannConfig, train_rossmann
+    from pipelines.jobs.rossmann import train_rossmann
 
     cfg = dict(train=train, store=store, external_dir=external_dir, trends=trends, valid_days=valid_days, epochs=epochs,
                lr=lr, batch_size=batch_size, layers=_parse_layers(layers), wd=wd, seed=seed,
@@ -279,21 +287,21 @@ def _parse_layers(text: str) -> tuple[int, ...]:
 # ---------------------------------------------------------------- lr-find
 @lr_app.command("rossmann")
 def lr_find_rossmann(
-    train: Annotated[str, typer.Option()],
-    store: Annotated[str, typer.Option()],
-    external_dir: Annotated[str | None, typer.Option()] = None,
-    trends: Annotated[bool, typer.Option(help="Use the Google Trends columns as inputs.")] = False,
-    valid_days: Annotated[int, typer.Option(min=1)] = 42,
-    batch_size: Annotated[int, typer.Option(min=2)] = 512,
-    layers: Annotated[str, typer.Option(help="Hidden layer sizes, comma-separated.")] = "500,250",
-    wd: Annotated[float, typer.Option(min=0.0)] = 0.2,
-    seed: SeedOpt = 0,
+    train: Annotated[str, _opt(Ross, "train")],
+    store: Annotated[str, _opt(Ross, "store")],
+    external_dir: Annotated[str | None, _opt(Ross, "external_dir")] = Ross.external_dir,
+    trends: Annotated[bool, _opt(Ross, "trends")] = Ross.trends,
+    valid_days: Annotated[int, _opt(Ross, "valid_days", min=1)] = Ross.valid_days,
+    batch_size: Annotated[int, _opt(Ross, "batch_size", min=2)] = Ross.batch_size,
+    layers: Annotated[str, _opt(Ross, "layers")] = _layers_text(Ross.layers),
+    wd: Annotated[float, _opt(Ross, "wd", min=0.0)] = Ross.wd,
+    seed: SeedOpt = Ross.seed,
     plot: Annotated[Path | None, typer.Option(help="Write the loss-vs-lr plot here (PNG).")] = None,
     as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
+    quiet: QuietOpt = Ross.quiet,
 ) -> None:
     """Sweep learning rates on the Rossmann model and suggest one."""
-    from pipelines.train_rossmann import RossmannConfig, find_lr, prepare
+    from pipelines.jobs.rossmann import find_lr, prepare
 
     def body() -> dict[str, Any]:
         cfg = RossmannConfig(train=train, store=store, external_dir=external_dir, trends=trends,
@@ -306,23 +314,23 @@ def lr_find_rossmann(
 
 @lr_app.command("ratings")
 def lr_find_ratings(
-    ratings: Annotated[str, typer.Option()],
-    format: Annotated[str, typer.Option()] = "auto",
-    model: Annotated[str, typer.Option()] = "dot",
-    factors: Annotated[int, typer.Option(min=1)] = 50,
-    wd: Annotated[float | None, typer.Option(help="Default: the model's (dot 0.3, nn 0.5).")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, help="Default: the model's (dot 1024, nn 4096).")] = None,
-    seed: SeedOpt = 0,
+    ratings: Annotated[str, _opt(Rat, "ratings")],
+    format: Annotated[str, _opt(Rat, "format")] = Rat.format,
+    model: Annotated[str, _opt(Rat, "model")] = Rat.model,
+    factors: Annotated[int, _opt(Rat, "factors", min=1)] = Rat.factors,
+    wd: Annotated[float | None, _opt(Rat, "wd")] = Rat.wd,
+    batch_size: Annotated[int | None, _opt(Rat, "batch_size", min=1)] = Rat.batch_size,
+    seed: SeedOpt = Rat.seed,
     plot: Annotated[Path | None, typer.Option(help="Write the loss-vs-lr plot here (PNG).")] = None,
     as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
+    quiet: QuietOpt = Rat.quiet,
 ) -> None:
     """Sweep learning rates on a ratings model and suggest one."""
-    from pipelines.train_ratings import find_lr
+    from pipelines.jobs.ratings import find_lr
 
     def body() -> dict[str, Any]:
-        cfg = _ratings_config(ratings=ratings, format=format, model=model, factors=factors, wd=wd,
-                              batch_size=batch_size, seed=seed, quiet=quiet)
+        cfg = RatingsConfig(ratings=ratings, format=format, model=model, factors=factors, wd=wd,
+                            batch_size=batch_size, seed=seed, quiet=quiet)
         return _finder_result(find_lr(cfg), plot)
 
     _run(body, as_json, quiet)

@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     uri = tracking.tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = uri
 
+    from pipelines.jobs.ratings import RatingsConfig, train_ratings
+    from pipelines.jobs.rossmann import RossmannConfig, train_rossmann
     from pipelines.synth import write_ratings, write_rossmann
-    from pipelines.train_ratings import RatingsConfig, train_ratings
-    from pipelines.train_rossmann import RossmannConfig, train_rossmann
 
     print(f"[1/4] synthetic Rossmann data -> {out / 'rossmann'}", file=sys.stderr)
     ross = write_rossmann(out / "rossmann", stores=60, days=730, seed=args.seed)

@@ -34,9 +34,9 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     alias `champion` in a real sqlite MLflow store. Returns paths, URIs and training results."""
     import mlflow
 
+    from pipelines.jobs.ratings import RatingsConfig, train_ratings
+    from pipelines.jobs.rossmann import RossmannConfig, train_rossmann
     from pipelines.synth import write_ratings, write_rossmann
-    from pipelines.train_ratings import RatingsConfig, train_ratings
-    from pipelines.train_rossmann import RossmannConfig, train_rossmann
 
     root = tmp_path_factory.mktemp("model_store")
     uri = f"sqlite:///{root / 'mlflow.db'}"

@@ -304,7 +304,7 @@ def test_loosely_typed_records_give_the_same_features(tiny_predictor: TabularPre
 
 
 def test_trend_columns_are_opt_in_model_inputs() -> None:
-    from pipelines.train_rossmann import RossmannConfig
+    from pipelines.jobs.rossmann import RossmannConfig
 
     cats, conts = feature_columns(external=True, trends=False)
     with_trends = feature_columns(external=True)[1]

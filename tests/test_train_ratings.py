@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,11 @@ from mlflow import MlflowClient
 
 from modeling.errors import DataError
 from modeling.predictors import RatingsPredictor, load_predictor
+from pipelines.jobs.ratings import MODEL_DEFAULTS, RatingsConfig, split_ratings, train_ratings
 from pipelines.synth import write_ratings
-from pipelines.train_ratings import RatingsConfig, split_ratings, train_ratings
+
+# the CLI subprocesses import this checkout's code, like the tests do (not an installed copy)
+_PYTHONPATH = {"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +125,7 @@ def test_bad_options_fail_before_any_run(ratings_files, mlflow_store):
 
 
 def test_failed_run_ends_failed_and_registers_nothing(ratings_files, mlflow_store, monkeypatch):
-    import pipelines.train_ratings as job
+    import pipelines.jobs.ratings as job
 
     def boom(*a, **k):
         raise RuntimeError("forest exploded")
@@ -137,7 +141,7 @@ def test_failed_run_ends_failed_and_registers_nothing(ratings_files, mlflow_stor
 
 
 def test_cli_json_contract_and_exit_codes(ratings_files, tmp_path):
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}", "PATH": str(Path(sys.executable).parent)}
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}", "PATH": str(Path(sys.executable).parent), **_PYTHONPATH}
     cmd = [sys.executable, "-m", "pipelines.cli", "train", "ratings", "--ratings", str(ratings_files["u.data"]),
            "--epochs", "2", "--lr", "5e-3", "--json", "--quiet"]
     ok = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
@@ -145,6 +149,10 @@ def test_cli_json_contract_and_exit_codes(ratings_files, tmp_path):
     doc = json.loads(ok.stdout.strip().splitlines()[-1])
     assert {"run_id", "model_uri", "registered", "train_seconds", "metrics"} <= doc.keys()
     assert doc["model_uri"].startswith("runs:/")
+    # the effective config, defaults included, so a script sees what was used
+    assert doc["config"]["epochs"] == 2 and doc["config"]["lr"] == "5e-3" and doc["config"]["model"] == "dot"
+    assert doc["config"]["wd"] == MODEL_DEFAULTS["dot"]["wd"]
+    assert doc["config"]["batch_size"] == MODEL_DEFAULTS["dot"]["batch_size"]
     bad = tmp_path / "bad.csv"
     bad.write_text("user,item,rating\n1,2,4\n3,4,oops\n")
     res = subprocess.run([*cmd[:5], "--ratings", str(bad), "--json"], capture_output=True, text=True,

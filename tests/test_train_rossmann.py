@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,10 @@ from mlflow import MlflowClient
 from modeling.errors import DataError
 from modeling.predictors import TabularPredictor, load_predictor
 from modeling.schema import RecordsError
-from pipelines.train_rossmann import RossmannConfig, train_rossmann
+from pipelines.jobs.rossmann import RossmannConfig, train_rossmann
+
+# the CLI subprocesses import this checkout's code, like the tests do (not an installed copy)
+_PYTHONPATH = {"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}
 
 
 def test_run_logs_contract_metrics_plots_and_registers(use_model_store):
@@ -94,7 +98,7 @@ def test_cli_rejects_bad_train_file_with_exit_2_and_no_run(model_store, tmp_path
     bad = tmp_path / "train.csv"
     mutate(df).to_csv(bad, index=False)
     db = tmp_path / "m.db"
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{db}", "PATH": str(Path(sys.executable).parent)}
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{db}", "PATH": str(Path(sys.executable).parent), **_PYTHONPATH}
     res = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "train", "rossmann", "--train", str(bad), "--store",
          str(data["store.csv"]), "--json", "--quiet"],
@@ -109,7 +113,7 @@ def test_cli_rejects_bad_train_file_with_exit_2_and_no_run(model_store, tmp_path
 
 def _cli_train(data: dict, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
     db = tmp_path / "m.db"
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{db}", "PATH": str(Path(sys.executable).parent)}
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{db}", "PATH": str(Path(sys.executable).parent), **_PYTHONPATH}
     res = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "train", "rossmann", "--train", str(data["train.csv"]), "--store",
          str(data["store.csv"]), "--json", "--quiet", *extra],

@@ -1,0 +1,245 @@
+"""One training skeleton for every domain: `run_job` is the tracked run, a `TrainingJob` the domain.
+
+`run_job(job)` is a template method. It owns the stages every training shares, in this order:
+
+1. validate the config, `job.prepare()` the data (before any run exists: bad input leaves no run);
+2. open the MLflow run (tags: pipeline, data fingerprint, git commit) and log every config value
+   plus `job.params()` as params;
+3. `torch.manual_seed(seed)`, then `job.build_model()`;
+4. with `--lr auto`, the lr finder on `job.finder_model(model)` (a deepcopy is trained, the
+   model itself is untouched); rank 0 runs it and broadcasts the value;
+5. `Trainer.fit` with `job.epoch_metrics`, the per-epoch MLflow logger and `job.callbacks()`;
+6. `job.evaluate(fit)` (the model's metrics), `job.checks(fit)` (forest checks: metrics, a JSON
+   report, plots), log them; learning curves and `job.plots(fit)`;
+7. `job.bundle(...)`: the typed spec, networks, extras and features; save and log the bundle;
+8. registration on `job.target_metric` (alias `champion` only when better, or `--force`),
+   after the run has ended; the result dict the CLI prints with `--json` (with the effective
+   config under "config").
+
+Under torchrun every rank prepares the same data and trains on its shard (DDP); only rank 0
+tracks the run, runs the lr finder and the checks, and saves and registers the model; the
+other ranks return None after fit. All randomness flows from `cfg.seed`: the model draws right
+after the seed and everything after fit seeds its own generator, so the figures of a seed do
+not depend on which stages ran before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from modeling.bundle import BundleSpec, save_bundle
+from modeling.training import (
+    Callback,
+    History,
+    LRFinderResult,
+    TensorData,
+    Trainer,
+    distributed,
+    lr_find,
+)
+from pipelines import reports, tracking
+from pipelines.jobs.config import TrainingOptions
+
+log = logging.getLogger("tabrec.train")
+
+
+class Prepared(Protocol):
+    """What the skeleton needs of a job's prepared data (the job keeps whatever else it built)."""
+
+    train: TensorData
+    valid: TensorData
+    files: list[str]  # the input files, fingerprinted into the run's tags and the bundle
+
+
+@dataclass
+class Fitted:
+    """A trained model and what the later stages need of its training."""
+
+    model: nn.Module
+    history: History
+    lr: float
+    train_seconds: float
+    valid_pred: np.ndarray  # the model's predictions on the validation set (training target scale)
+    tmp: Path  # scratch directory of the run: plots and the bundle are written here
+
+
+@dataclass
+class Checks:
+    """The forest checks' outcome: metrics (merged into the run's), a JSON report, plot files."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+    plots: list[Path | None] = field(default_factory=list)
+
+
+@dataclass
+class BundleParts:
+    """What `save_bundle` and `tracking.log_bundle` take: the spec, its networks and tensors, and
+    a few raw input rows with the model's answers (the pyfunc signature and input example)."""
+
+    spec: BundleSpec
+    networks: list[nn.Module]
+    extras: dict[str, torch.Tensor]
+    example: pd.DataFrame
+    example_pred: np.ndarray
+    features: Any | None = None
+
+
+ConfigT = TypeVar("ConfigT", bound=TrainingOptions)
+DataT = TypeVar("DataT", bound=Prepared)
+
+
+class TrainingJob(ABC, Generic[ConfigT, DataT]):
+    """The domain parts of a training run; `run_job` calls the hooks in the order above.
+
+    Subclasses set the class attributes and implement the abstract hooks; `self.data` is what
+    `prepare` returned."""
+
+    pipeline: ClassVar[str]  # "rossmann" | "ratings": the run's tag and the temp dir's prefix
+    target_metric: ClassVar[str]  # the validation metric registration compares (lower is better)
+    curve_metric: ClassVar[str]  # the per-epoch metric drawn beside the losses
+
+    def __init__(self, cfg: ConfigT) -> None:
+        self.cfg = cfg
+        self.data: DataT
+
+    @abstractmethod
+    def prepare(self) -> DataT:
+        """Read and validate the inputs, engineer features, build the tensors (DataError on bad input)."""
+
+    def run_name(self) -> str:
+        return self.pipeline
+
+    def params(self) -> dict[str, Any]:
+        """Params logged beside the config's values (sizes, columns, ...)."""
+        return {}
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """A freshly initialised network (the skeleton seeds the global torch generator first)."""
+
+    def finder_model(self, model: nn.Module) -> nn.Module:
+        """The network the lr finder trains a copy of: by default the model just built."""
+        return model
+
+    @property
+    @abstractmethod
+    def epoch_metrics(self) -> dict[str, Any]:
+        """Metrics the trainer computes on the validation set after every epoch."""
+
+    def callbacks(self) -> list[Callback]:
+        return []
+
+    @abstractmethod
+    def evaluate(self, fit: Fitted) -> dict[str, float]:
+        """The model's final metrics (include fit.train_seconds and fit.lr where they belong)."""
+
+    def checks(self, fit: Fitted) -> Checks:
+        """Forest checks beside the model."""
+        return Checks()
+
+    def plots(self, fit: Fitted) -> list[Path | None]:
+        """The domain's plots (the lr finder's and the learning curves come from the skeleton)."""
+        return []
+
+    @abstractmethod
+    def bundle(self, fit: Fitted, metrics: dict[str, float], fingerprint: str, run_id: str) -> BundleParts:
+        """The typed bundle spec and what goes with it."""
+
+
+def run_job(job: TrainingJob[Any, Any]) -> dict[str, Any] | None:
+    """Train, check, track and save; the CLI's result dict (None on torchrun ranks other than 0)."""
+    cfg = job.cfg
+    cfg.validate()
+    t_start = time.perf_counter()
+    job.data = data = job.prepare()
+    fingerprint = tracking.file_fingerprint(data.files)
+    tags = {"tabrec.pipeline": job.pipeline, "data_fingerprint": fingerprint}
+    if commit := tracking.git_commit():
+        tags["git_commit"] = commit
+    rank0 = distributed.current().is_main
+    with (tracking.tracked_run(cfg.experiment, run_name=job.run_name(), tags=tags) if rank0
+          else contextlib.nullcontext()) as run, \
+            tempfile.TemporaryDirectory(prefix=f"tabrec-{job.pipeline}-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        if rank0:
+            tracking.log_params({**asdict(cfg), **job.params(), "world_size": distributed.current().world_size})
+        torch.manual_seed(cfg.seed)
+        model = job.build_model()
+        lr, lr_plot = _resolve_lr(job, model, tmp, rank0)
+        trainer = Trainer(model, metrics=job.epoch_metrics, lr=lr, wd=cfg.wd, batch_size=cfg.batch_size,
+                          seed=cfg.seed, quiet=cfg.quiet or not rank0,
+                          callbacks=[*([tracking.MLflowEpochLogger()] if rank0 else []), *job.callbacks()])
+        log.info("training %s on %d rows (%d valid), lr %.3g, batch %d, %d epochs", type(model).__name__,
+                 len(data.train), len(data.valid), lr, cfg.batch_size, cfg.epochs)
+        t_fit = time.perf_counter()
+        history = trainer.fit(data.train, data.valid, epochs=cfg.epochs)
+        train_seconds = time.perf_counter() - t_fit
+        if not rank0:
+            return None
+        fit = Fitted(model, history, lr, train_seconds, trainer.predict(data.valid.xs).numpy(), tmp)
+        metrics = job.evaluate(fit)
+        log.info("valid %s %.4f after %.0f s; running the checks", job.target_metric, metrics[job.target_metric],
+                 train_seconds)
+        checks = job.checks(fit)
+        metrics.update(checks.metrics)
+        tracking.log_metrics(metrics)
+        tracking.log_json(checks.report, "checks/forest.json")
+        curves = reports.learning_curves(history, tmp / "learning_curves.png", metric=job.curve_metric)
+        for plot in [lr_plot, *checks.plots, curves, *job.plots(fit)]:
+            tracking.log_plot(plot)
+        parts = job.bundle(fit, metrics, fingerprint, run.info.run_id)
+        bundle_dir = save_bundle(tmp / "bundle", parts.spec, parts.networks, extras=parts.extras,
+                                 features=parts.features)
+        model_uri, logged_uri = tracking.log_bundle(bundle_dir, parts.example, parts.example_pred)
+        run_id = run.info.run_id
+    registered = None
+    if cfg.register:
+        registered = tracking.register_and_promote(logged_uri, cfg.register, job.target_metric,
+                                                   float(metrics[job.target_metric]), force=cfg.force)
+    return {
+        "run_id": run_id, "model_uri": model_uri, "registered": registered,
+        "train_seconds": round(train_seconds, 3), "total_seconds": round(time.perf_counter() - t_start, 3),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "config": asdict(cfg),
+    }
+
+
+def _resolve_lr(job: TrainingJob[Any, Any], model: nn.Module, tmp: Path, rank0: bool) -> tuple[float, Path | None]:
+    """The configured lr, or the lr finder's suggestion (rank 0 runs it, every rank gets the value)."""
+    cfg = job.cfg
+    if cfg.lr != "auto":
+        return float(cfg.lr), None
+    log.info("running the lr finder")
+    finder = run_lr_finder(cfg, job.finder_model(model), job.data.train) if rank0 else None
+    lr = float(distributed.broadcast_object(finder.suggestion if finder else None))
+    if finder is None:
+        return lr, None
+    plot = finder.plot(tmp / "lr_finder.png")
+    tracking.log_metrics({"lr_suggested": lr})
+    log.info("lr finder suggests %.3g (%s)", lr, finder.method)
+    return lr, plot
+
+
+def run_lr_finder(cfg: TrainingOptions, model: nn.Module, train: TensorData) -> LRFinderResult:
+    """The lr finder with the job's weight decay, batch size and seed (trains a copy of `model`)."""
+    return lr_find(model, train, wd=cfg.wd, batch_size=cfg.batch_size, seed=cfg.seed, quiet=cfg.quiet)
+
+
+def seeded_lr_find(cfg: TrainingOptions, build: Callable[[], nn.Module], train: TensorData) -> LRFinderResult:
+    """`tabrec lr-find`: the lr finder on a model built right after seeding, as training builds it."""
+    torch.manual_seed(cfg.seed)
+    return run_lr_finder(cfg, build(), train)

@@ -1,0 +1,176 @@
+"""The training jobs' configuration: the single source of their defaults and help texts.
+
+`RossmannConfig` and `RatingsConfig` are plain dataclasses (re-exported by `pipelines.jobs.rossmann`
+and `pipelines.jobs.ratings`). Each option's default is the field's default and its help text is
+the field's `metadata["help"]`; the CLI builds its `train` and `lr-find` options from them, so
+`tabrec train ... --help`, the Python API and the README cannot drift apart. This module
+imports neither torch nor MLflow, so the CLI can read it on every start.
+
+Validation shared by every job (lr 'auto' or a positive number, epochs and batch size) lives
+once, in `check_training_options`; each config adds its domain's checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any, Protocol
+
+from modeling.errors import DataError
+
+
+def opt(default: Any = MISSING, help: str = "", **kw: Any) -> Any:
+    """A dataclass field whose help text the CLI shows (`default_factory=` works too)."""
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def option_help(cls: type, name: str) -> str:
+    return config_field(cls, name).metadata.get("help", "")
+
+
+def config_field(cls: type, name: str) -> Field:
+    for f in fields(cls):
+        if f.name == name:
+            return f
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def default_of(cls: type, name: str) -> Any:
+    """A field's default value (calling its default_factory when it has one)."""
+    f = config_field(cls, name)
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    if f.default is MISSING:
+        raise KeyError(f"{cls.__name__}.{name} has no default")
+    return f.default
+
+
+class TrainingOptions(Protocol):
+    """What the training skeleton (`pipelines.jobs.base`) reads from any job's config."""
+
+    epochs: Any
+    lr: Any
+    wd: Any
+    batch_size: Any
+    seed: int
+    experiment: str
+    register: str | None
+    force: bool
+    quiet: bool
+
+    def validate(self) -> None: ...
+
+
+def check_training_options(cfg: TrainingOptions, min_batch_size: int = 1, why: str = "") -> None:
+    """The checks every job shares; DataError (exit 2) naming the option."""
+    if cfg.epochs < 1:
+        raise DataError("--epochs must be >= 1")
+    if cfg.batch_size < min_batch_size:
+        raise DataError(f"--batch-size must be >= {min_batch_size}{f' ({why})' if why else ''}")
+    if cfg.lr != "auto":
+        try:
+            if float(cfg.lr) <= 0:
+                raise ValueError
+        except ValueError:
+            raise DataError(f"--lr must be 'auto' or a positive number, got {cfg.lr!r}") from None
+
+
+LR_HELP = "'auto' (lr finder) or a number."
+WD_HELP = "AdamW decoupled weight decay."
+SEED_HELP = "Seed for every random choice."
+REGISTER_HELP = "Register as this model name."
+FORCE_HELP = "Promote to champion even if not better."
+
+
+# ---------------------------------------------------------------- Rossmann
+@dataclass
+class RossmannConfig:
+    train: str = opt(help="Kaggle train.csv (.csv, .csv.gz or .parquet).")
+    store: str = opt(help="Kaggle store.csv.")
+    external_dir: str | None = opt(None, "Folder with store_states.csv, weather/, googletrend/.")
+    # Google Trends columns are joined either way; as inputs they drift with time.
+    trends: bool = opt(False, "Use the Google Trends columns as inputs (off: they drift with time).")
+    valid_days: int = opt(42, "Last N days of train.csv are the validation set.")
+    epochs: int = opt(4, "Training epochs (one-cycle).")
+    lr: str = opt("auto", LR_HELP)
+    batch_size: int = opt(512, "Rows per batch.")
+    layers: tuple[int, ...] = opt((500, 250), "Hidden layer sizes, comma-separated.")
+    ps: tuple[float, ...] = (0.001, 0.01)
+    embed_p: float = 0.04
+    wd: float = opt(0.2, WD_HELP)
+    seed: int = opt(0, SEED_HELP)
+    experiment: str = opt("rossmann", "MLflow experiment.")
+    register: str | None = opt(None, REGISTER_HELP)
+    force: bool = opt(False, FORCE_HELP)
+    forest_rows: int = 200_000
+    forest_trees: int = 40
+    spread_trees: int = 20  # forest kept in the bundle for `score --uncertainty` (0: none)
+    spread_leaves: int = 1024  # leaves per tree of that forest (bounds the bundle's growth)
+    quiet: bool = False
+    emb_overrides: dict[str, int] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.valid_days < 1:
+            raise DataError("--valid-days must be >= 1")
+        check_training_options(self, min_batch_size=2, why="BatchNorm needs two rows")
+        if self.spread_trees < 0 or self.spread_leaves < 2:
+            raise DataError("spread_trees must be >= 0 and spread_leaves >= 2")
+
+
+# ---------------------------------------------------------------- ratings
+SPLITS = ("random", "time", "user-last")
+MODELS = ("dot", "nn")
+# Per-model training defaults, tuned once on ../shared/data/ml-100k train/valid (docs/benchmarks.md):
+# the NN needs many more large-batch epochs and strong (embedding) dropout to stop overfitting.
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dot": {"epochs": 5, "lr": "1e-2", "wd": 0.3, "batch_size": 1024, "dropout": 0.0, "embed_p": 0.0},
+    "nn": {"epochs": 20, "lr": "3e-2", "wd": 0.5, "batch_size": 4096, "dropout": 0.5, "embed_p": 0.3},
+}
+
+
+def _per_model(text: str, key: str, models: tuple[str, ...] = MODELS) -> str:
+    """Help text ending in the per-model defaults, read from MODEL_DEFAULTS."""
+    return f"{text} Default: " + ", ".join(f"{m} {MODEL_DEFAULTS[m][key]}" for m in models) + "."
+
+
+@dataclass
+class RatingsConfig:
+    ratings: str = opt(help="Ratings file (u.data, ratings.dat, ratings.csv, CSV, Parquet).")
+    format: str = opt("auto", "auto|ml-100k|ml-1m|ml-latest|csv|parquet")
+    items: str | None = opt(None, "Item metadata (u.item, movies.dat, movies.csv).")
+    valid: str | None = opt(None, "Explicit validation ratings file.")
+    valid_frac: float = opt(0.2, "Validation fraction when --valid is not given.")
+    split: str = opt("random", "|".join(SPLITS))
+    model: str = opt("dot", "dot (DotProductBias) or nn (EmbeddingNN)")
+    factors: int = opt(50, "Embedding width.")
+    layers: tuple[int, ...] = (100,)
+    # None = the model's default from MODEL_DEFAULTS (tuned once on the ML-100k split).
+    dropout: float | None = opt(None, _per_model("nn only: dense-layer dropout.", "dropout", ("nn",)))
+    embed_p: float | None = opt(None, _per_model("nn only: embedding dropout.", "embed_p", ("nn",)))
+    epochs: int | None = opt(None, _per_model("Training epochs (one-cycle).", "epochs"))
+    lr: str | None = opt(None, _per_model(LR_HELP, "lr"))
+    wd: float | None = opt(None, _per_model(WD_HELP, "wd"))
+    batch_size: int | None = opt(None, _per_model("Ratings per batch.", "batch_size"))
+    seed: int = opt(0, SEED_HELP)
+    experiment: str = opt("ratings", "MLflow experiment.")
+    register: str | None = opt(None, REGISTER_HELP)
+    force: bool = opt(False, FORCE_HELP)
+    min_ratings_cold_start: int = 10
+    user_col: str | None = opt(None, "User id column of a CSV/Parquet file.")
+    item_col: str | None = opt(None, "Item id column of a CSV/Parquet file.")
+    rating_col: str | None = opt(None, "Rating column of a CSV/Parquet file.")
+    time_col: str | None = opt(None, "Timestamp column of a CSV/Parquet file.")
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        for key, value in MODEL_DEFAULTS.get(self.model, MODEL_DEFAULTS["dot"]).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
+    def validate(self) -> None:
+        if self.model not in MODELS:
+            raise DataError(f"--model must be one of {MODELS}, got {self.model!r}")
+        if self.split not in SPLITS:
+            raise DataError(f"--split must be one of {SPLITS}, got {self.split!r}")
+        if not 0.0 < self.valid_frac < 1.0:
+            raise DataError(f"--valid-frac must be in (0, 1), got {self.valid_frac}")
+        check_training_options(self)
