@@ -38,14 +38,15 @@ async def require_api_key(
     bearer: HTTPAuthorizationCredentials | None = Security(bearer_scheme),
     api_key: str | None = Security(api_key_scheme),
 ) -> None:
-    """401 when keys are configured and none was sent; 403 when none of those sent matches."""
+    """401 when keys are configured and none was sent; 403 when any credential sent is wrong
+    (a valid X-API-Key does not excuse a wrong Authorization: Bearer, nor the reverse)."""
     if not settings.api_keys:
         return
     sent = _presented(api_key, bearer.credentials if bearer else None)
     if not sent:
         raise HTTPException(401, "missing API key (Authorization: Bearer <key> or X-API-Key)",
                             headers={"WWW-Authenticate": "Bearer"})
-    if not any([matches(s, settings.api_keys) for s in sent]):
+    if not all([matches(s, settings.api_keys) for s in sent]):  # a list: every one is compared
         raise HTTPException(403, "invalid API key")
 
 
@@ -63,5 +64,5 @@ async def require_admin(
     if not sent:
         raise HTTPException(401, "missing admin token (X-Admin-Token or Authorization: Bearer)",
                             headers={"WWW-Authenticate": "Bearer"})
-    if not any([matches(s, [settings.admin_token]) for s in sent]):
+    if not all([matches(s, [settings.admin_token]) for s in sent]):  # every credential sent must be right
         raise HTTPException(403, "invalid admin token")
