@@ -10,6 +10,7 @@ form-like clients send text; ids take strings or finite numbers.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -120,6 +121,8 @@ def _message(value: Any, f: InputField) -> str:
     if f.type == "int" and _out_of_int64(value):
         return f"integer {_short(value)} out of range (int64)"
     if f.type == "date":
+        if isinstance(value, str) and re.fullmatch(ISO_DATE, value):
+            return f"value {_short(value)} is not a calendar date in the years {DATE_YEARS}"
         return f"value {_short(value)} is not an ISO 8601 date (YYYY-MM-DD)"
     if f.allowed is not None and not _scalar_bad(value, f.type):
         return f"value {_short(value)} not in {f.allowed}"
@@ -202,6 +205,7 @@ def _booleans(col: pd.Series) -> np.ndarray:
     return np.zeros(n, dtype=bool)
 
 
+DATE_YEARS = "1678-2261"  # what datetime64[ns] holds
 ISO_DATE = r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?)?"
 _DATE_OBJECTS = {"date", "datetime", "datetime64"}
 _TEXT_KINDS = {"string", "mixed", "mixed-integer"}

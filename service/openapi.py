@@ -7,7 +7,9 @@ that the live endpoint accepts. The templated `{name}` body operations are then 
 document: a body is only valid for one model, which a `{name}` template cannot say, so a client
 (or a fuzzer) pairing one model's name with another's body would be following the document into
 a 422. Plain `/invocations` documents the body of the model it scores with by default (the only
-or TABREC_DEFAULT_MODEL); with several models and no default it needs `?model=`.
+one or TABREC_DEFAULT_MODEL); with several models and no default it is left out in favour of the
+per-model paths. In open mode no operation declares security. Every 422 is documented in the
+service's own error shape.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from fastapi.openapi.utils import get_openapi
 
 from modeling.schema import ISO_DATE
 from service.registry import LoadedModel, ModelRegistry
-from service.settings import MODEL_NAME, Settings
-from service.tensors import ACCEPTED, V2_FOR_INPUT_TYPE
+from service.settings import Settings
+from service.tensors import ACCEPTED, NUMPY_DTYPE, V2_FOR_INPUT_TYPE
 
 DESCRIPTION = """Predictions, recommendations and similar items from tabrec models.
 
@@ -41,8 +43,9 @@ JSON_SCHEMA_FOR_TYPE: dict[str, dict[str, Any]] = {
     "bool": {"anyOf": [{"type": "boolean"}, {"enum": [0, 1, "true", "false"]}]},
     "str": {"anyOf": [{"type": "string"}, {"type": "number"}]},
     "id": {"anyOf": [{"type": "string"}, {"type": "number"}]},
-    "date": {"type": "string", "format": "date", "pattern": f"^{ISO_DATE}$",
-             "description": "ISO 8601 date YYYY-MM-DD (optionally with a time THH:MM[:SS])"},
+    # documented for the years 1700-2199 (the server takes 1678-2261, what datetime64[ns] holds)
+    "date": {"type": "string", "format": "date", "pattern": r"^(1[7-9]|2[01])\d{2}" + ISO_DATE.removeprefix(r"\d{4}") + "$",
+             "description": "ISO 8601 date YYYY-MM-DD (optionally with a time THH:MM[:SS]; no time zone)"},
 }
 EXAMPLE_FOR_TYPE: dict[str, Any] = {"int": 1, "float": 0.0, "bool": False, "str": "a", "id": "1",
                                     "date": "2015-09-17"}
@@ -109,34 +112,40 @@ def mlflow_body(m: LoadedModel, ref: str) -> dict[str, Any]:
         "columns": {"const": [f["name"] for f in fields]},
         "data": {"type": "array", "items": {"type": "array", "prefixItems": [value_schema(f) for f in fields],
                                             "minItems": len(fields), "maxItems": len(fields)}},
-        "index": {"type": "array"}}}
+        "index": {"type": ["array", "null"]}}}
     formats = {"dataframe_split": split, "dataframe_records": records, "instances": records, "inputs": records}
-    return {"type": "object", "properties": {**formats, "params": {"type": "object"}}, "oneOf": [
-        {"required": [k], "not": {"anyOf": [{"required": [o]} for o in formats if o != k]}} for k in formats]}
+    return {"type": "object", "properties": {**formats, "params": {"type": ["object", "null"]}},
+            "additionalProperties": False, "oneOf": [{"required": [k]} for k in formats]}
 
 
 def v2_body(m: LoadedModel) -> dict[str, Any]:
     """The v2 infer body for one model, one row per request as documented (shape [1]; any n works:
     the schema cannot say that `shape` must equal the length of `data`)."""
     fields = m.predictor.input_fields
-    no_binary = {"type": "object", "not": {"required": ["binary_data_size"]}}
+    no_binary = {"type": ["object", "null"], "not": {"required": ["binary_data_size"]}}
 
     def tensor(f: dict[str, Any] | None) -> dict[str, Any]:
+        # inputs the model does not take are ignored, whatever their datatype and data
         name = {"const": f["name"]} if f else {"type": "string", "not": {"enum": [g["name"] for g in fields]}}
-        accepted = list(dict.fromkeys(ACCEPTED[f["type"]])) if f else [V2_FOR_INPUT_TYPE["str"]]
-        value = value_schema(f) if f else {"type": "string"}
+        accepted = list(dict.fromkeys(ACCEPTED[f["type"]])) if f else list(NUMPY_DTYPE) + ["BYTES"]
+        value = value_schema(f) if f else {"not": {"type": "array"}}
         return {"type": "object", "required": ["name", "shape", "datatype", "data"], "properties": {
             "name": name, "shape": {"const": [1]}, "datatype": {"enum": accepted},
             "data": {"type": "array", "items": value, "minItems": 1, "maxItems": 1},
             "parameters": no_binary}}
 
     return {"type": "object", "required": ["inputs"], "properties": {
-        "id": {"type": "string"},
-        "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
-        "inputs": {"type": "array", "prefixItems": [tensor(f) for f in fields], "minItems": len(fields),
-                   "items": tensor(None)},
-        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
-            "name": {"const": "prediction"}, "parameters": {"type": "object"}}}}}}
+        "id": {"type": ["string", "null"]},
+        "parameters": {"type": ["object", "null"], "properties": {"binary_data_output": {"type": ["boolean", "null"]}}},
+        # any order; each input at most once, the required ones exactly once; others ignored
+        "inputs": {"type": "array", "items": {"anyOf": [*(tensor(f) for f in fields), tensor(None)]},
+                   "allOf": [{"contains": {"type": "object", "required": ["name"],
+                                           "properties": {"name": {"const": f["name"]}}},
+                              "minContains": 1 if f.get("required", True) else 0, "maxContains": 1}
+                             for f in fields]},
+        "outputs": {"type": ["array", "null"], "items": {"type": "object", "required": ["name"], "properties": {
+            "name": {"const": "prediction"}, "parameters": {"type": ["object", "null"], "properties": {
+                "binary_data": {"type": ["boolean", "null"]}}}}}}}}
 
 
 def v2_example(m: LoadedModel, record: dict[str, Any]) -> dict[str, Any]:
@@ -188,27 +197,56 @@ def add_model_docs(schema: dict[str, Any], models: Mapping[str, LoadedModel], se
             if template is not None:
                 paths[path] = {"post": concrete(template, name, m, op_id, summary, body, example, version)}
         if name == settings.invocations_model and "/invocations" in paths:
-            content = paths["/invocations"]["post"]["requestBody"]["content"]["application/json"]
+            op = paths["/invocations"]["post"]
+            content = op["requestBody"]["content"]["application/json"]
             content["schema"], content["example"] = mlflow_body(m, ref), split
+            # ?model= and X-Model-Name work, but a document that offered them would pair another
+            # model's name with this model's body; they are described in prose instead
+            op["parameters"] = [p for p in op.get("parameters", []) if p.get("name") not in ("model", "x-model-name")]
+            op["description"] = (f"Scores with {name!r}, the default model. `?model=NAME` or the X-Model-Name "
+                                 "header score with another served model, whose body is documented under "
+                                 "/models/NAME/invocations.")
+            if not op["parameters"]:
+                op.pop("parameters")
     if models:
         for template_path, method in BODY_TEMPLATES:
             paths.get(template_path, {}).pop(method, None)
             if template_path in paths and not paths[template_path]:
                 del paths[template_path]
-    _tune_invocations(paths, settings)
+        if settings.invocations_model not in models:  # no default: only per-model paths are documented
+            paths.pop("/invocations", None)
 
 
-def _tune_invocations(paths: dict[str, Any], settings: Settings) -> None:
-    """?model= must name a model when there is no default; either way it is a model name."""
-    op = paths.get("/invocations", {}).get("post")
-    if op is None:
+def one_error_shape(schema: dict[str, Any]) -> None:
+    """Every 422 in this service has the {"detail": [{record, field, msg}]} shape (service.errors),
+    including those FastAPI documents on its own for query and path parameters."""
+    fastapi_422 = "#/components/schemas/HTTPValidationError"
+    ours = {"$ref": "#/components/schemas/ErrorResponse"}
+    for item in schema["paths"].values():
+        for op in item.values():
+            content = op.get("responses", {}).get("422", {}).get("content", {}).get("application/json", {})
+            if content.get("schema", {}).get("$ref") == fastapi_422:
+                content["schema"] = ours
+    components = schema.get("components", {}).get("schemas", {})
+    if "ErrorResponse" not in components:
+        from service.schemas import ErrorResponse
+
+        components.update(ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+                          .pop("$defs", {}))
+        components["ErrorResponse"] = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+
+
+def drop_security(schema: dict[str, Any], settings: Settings) -> None:
+    """Open mode (no API keys): no operation asks for credentials, so the document says none;
+    reload stays guarded only by an admin token, when one is set."""
+    if settings.api_keys:
         return
-    for p in op.get("parameters", []):
-        if p.get("name") == "model" and p.get("in") == "query":
-            p["schema"] = {"type": "string", "pattern": MODEL_NAME.pattern}
-            p["required"] = settings.invocations_model is None
-        elif p.get("name") == "x-model-name":
-            p["schema"] = {"type": "string", "pattern": MODEL_NAME.pattern}
+    for path, item in schema["paths"].items():
+        for op in item.values():
+            if path != "/v1/admin/reload" or settings.admin_token is None:
+                op.pop("security", None)
 
 
 def openapi_builder(app: FastAPI, registry: ModelRegistry, settings: Settings) -> Callable[[], dict[str, Any]]:
@@ -222,6 +260,8 @@ def openapi_builder(app: FastAPI, registry: ModelRegistry, settings: Settings) -
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
             add_model_docs(schema, models, settings)
+            drop_security(schema, settings)
+            one_error_shape(schema)
             cache.clear()
             cache[key] = schema
         return cache[key]

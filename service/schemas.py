@@ -6,7 +6,7 @@ checked column-wise on the DataFrame, and each model's own input schema coerces 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -132,9 +132,14 @@ class DataFrameSplit(BaseModel):
     index: list[Any] | None = None
 
 
-class InvocationsRequest(BaseModel):
-    """Exactly one of the four MLflow input formats."""
+INVOCATION_FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
+
+class InvocationsRequest(BaseModel):
+    """Exactly one of the four MLflow input formats (and optional params); nothing else."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [{"required": [k]} for k in INVOCATION_FORMATS]})
     dataframe_split: DataFrameSplit | None = None
     dataframe_records: list[Record] | None = None
     instances: list[Record] | dict[str, list[Any]] | None = None
@@ -143,11 +148,12 @@ class InvocationsRequest(BaseModel):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> InvocationsRequest:
-        given = [k for k in ("dataframe_split", "dataframe_records", "instances", "inputs")
-                 if getattr(self, k) is not None]
+        given = [k for k in INVOCATION_FORMATS if k in self.model_fields_set]  # present, even as null
         if len(given) != 1:
             raise ValueError("give exactly one of dataframe_split, dataframe_records, instances, inputs "
                              f"(got {given or 'none'})")
+        if getattr(self, given[0]) is None:
+            raise ValueError(f"{given[0]} must not be null")
         return self
 
 
@@ -217,21 +223,25 @@ class V2ModelMetadata(BaseModel):
 NAN_MESSAGE = "value NaN is not valid JSON; send null for a missing value"
 
 
-def records_frame(records: list[Record], nan_literals: bool = False) -> pd.DataFrame:
+def records_frame(records: list[Record], nan_literals: bool = False,
+                  keep: Collection[str] | None = None) -> pd.DataFrame:
     """One DataFrame from a list of JSON objects (missing keys become missing values).
 
     `nan_literals`: the body may hold NaN literals (non-standard JSON, which Python's parser
-    reads as float NaN): find them, since the frame can no longer tell them from missing keys."""
+    reads as float NaN): find them, since the frame can no longer tell them from missing keys.
+    `keep`: the model's input columns; other keys are ignored, whatever their values."""
     df = pd.DataFrame.from_records(records) if records else pd.DataFrame()
     if len(df) != len(records):  # all records empty objects: keep one row per record
         df = pd.DataFrame(index=pd.RangeIndex(len(records)))
+    df = _keep(df, keep)
     if nan_literals:
         reject_nan_literals(df, lambda i, c: records[i].get(c))
     check_cells(df)
     return df
 
 
-def split_frame(split: DataFrameSplit, nan_literals: bool = False) -> pd.DataFrame:
+def split_frame(split: DataFrameSplit, nan_literals: bool = False,
+                keep: Collection[str] | None = None) -> pd.DataFrame:
     """MLflow dataframe_split -> DataFrame; every row must have one value per column."""
     n_cols = len(split.columns)
     if len(set(split.columns)) != n_cols:
@@ -242,6 +252,7 @@ def split_frame(split: DataFrameSplit, nan_literals: bool = False) -> pd.DataFra
         raise InputError([ErrorItem(record=int(i), field=None,
                                     msg=f"row has {lengths[i]} values for {n_cols} columns") for i in bad[:5]])
     df = pd.DataFrame(split.data, columns=split.columns) if split.data else pd.DataFrame(columns=split.columns)
+    df = _keep(df, keep)
     if nan_literals:
         where = {c: j for j, c in enumerate(split.columns)}
         reject_nan_literals(df, lambda i, c: split.data[i][where[c]])
@@ -249,16 +260,24 @@ def split_frame(split: DataFrameSplit, nan_literals: bool = False) -> pd.DataFra
     return df
 
 
-def columns_frame(columns: dict[str, list[Any]], nan_literals: bool = False) -> pd.DataFrame:
+def columns_frame(columns: dict[str, list[Any]], nan_literals: bool = False,
+                  keep: Collection[str] | None = None) -> pd.DataFrame:
     """Columnar input ({"col": [...], ...}); all columns must have the same length."""
     lengths = {k: len(v) for k, v in columns.items()}
     if len(set(lengths.values())) > 1:
         raise InputError.one(f"columns have different lengths: {lengths}", field="inputs")
-    df = pd.DataFrame(columns)
+    df = _keep(pd.DataFrame(columns), keep)
     if nan_literals:
         reject_nan_literals(df, lambda i, c: columns[c][i])
     check_cells(df)
     return df
+
+
+def _keep(df: pd.DataFrame, keep: Collection[str] | None) -> pd.DataFrame:
+    if keep is None:
+        return df
+    wanted = [c for c in df.columns if c in keep]
+    return df if len(wanted) == len(df.columns) else df[wanted]
 
 
 def reject_nan_literals(df: pd.DataFrame, cell: Callable[[int, Any], Any], max_items: int = 10) -> None:

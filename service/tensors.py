@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -56,15 +57,15 @@ def check_tensors(inputs: list[V2Tensor], fields: list[dict[str, Any]]) -> list[
     seen: set[str] = set()
     for i, t in enumerate(inputs):
         where = f"inputs[{i}]"
-        if t.name in seen:
+        if t.name in seen and t.name in types:  # inputs the model does not take are ignored
             errors.append(ErrorItem(field=f"{where}.name", msg=f"input {t.name!r} given twice"))
         seen.add(t.name)
         if len(t.shape) == 2 and t.shape[1] != 1:
             errors.append(ErrorItem(field=f"{where}.shape", msg=f"shape must be [n] or [n, 1], got {t.shape}"))
-        binary = (t.parameters or {}).get("binary_data_size")
+        binary = "binary_data_size" in (t.parameters or {})
         flat = _flat(t.data) if t.data is not None else None
         flats.append(flat)
-        if (t.data is None) == (binary is None):
+        if (t.data is None) != binary:
             errors.append(ErrorItem(field=f"{where}.data", msg="give either data or parameters.binary_data_size"))
         elif t.data is not None and (flat is None or len(flat) != t.shape[0]):
             errors.append(ErrorItem(field=f"{where}.data", msg=f"data does not match shape {t.shape}"))
@@ -90,13 +91,16 @@ def _flat(data: list[Any]) -> np.ndarray | None:
 
 
 def tensors_frame(inputs: list[V2Tensor], flats: list[np.ndarray | None], binary: memoryview | None,
-                  nan_literals: bool = False) -> pd.DataFrame:
+                  nan_literals: bool = False, keep: Collection[str] | None = None) -> pd.DataFrame:
     """One column per input tensor (shapes already checked by check_tensors). `nan_literals`: the
     JSON may hold NaN literals, which are a missing value in an FP tensor and an error elsewhere."""
     columns: dict[str, Any] = {}
     offset = 0
     buffer = binary if binary is not None else memoryview(b"")
     for i, (t, flat) in enumerate(zip(inputs, flats, strict=True)):
+        known = keep is None or t.name in keep  # inputs the model does not take are skipped
+        if flat is not None and not known:
+            continue
         if flat is not None:
             if nan_literals and t.datatype not in FLOATS:
                 nan = [k for k, v in enumerate(flat) if isinstance(v, float) and v != v]
@@ -110,7 +114,8 @@ def tensors_frame(inputs: list[V2Tensor], flats: list[np.ndarray | None], binary
                                  "bytes left", field=f"inputs[{i}].parameters")
         raw = buffer[offset: offset + size]
         offset += size
-        columns[t.name] = decode_binary(raw, t, f"inputs[{i}]")
+        if known:
+            columns[t.name] = decode_binary(raw, t, f"inputs[{i}]")
     if offset != len(buffer):
         raise InputError.one(f"{len(buffer) - offset} binary bytes after the last tensor", field="inputs")
     df = pd.DataFrame(columns)
@@ -170,9 +175,13 @@ def decode_bytes(raw: memoryview, n: int, where: str) -> np.ndarray:
 def wants_binary(body: V2InferRequest) -> bool:
     """Binary output when asked for: request parameter binary_data_output (what tritonclient sends
     when no outputs are named) or `binary_data` on the requested output."""
-    if (body.parameters or {}).get("binary_data_output") is True:
-        return True
-    return any((o.parameters or {}).get("binary_data") is True for o in body.outputs or [])
+    flags = [("parameters.binary_data_output", (body.parameters or {}).get("binary_data_output"))]
+    flags += [(f"outputs[{i}].parameters.binary_data", (o.parameters or {}).get("binary_data"))
+              for i, o in enumerate(body.outputs or [])]
+    for where, flag in flags:
+        if flag is not None and not isinstance(flag, bool):
+            raise InputError.one(f"{flag!r} is not a boolean", field=where)
+    return any(flag for _, flag in flags)
 
 
 def infer_body(header: dict[str, Any], preds: np.ndarray, binary: bool) -> tuple[bytes, dict[str, str]]:

@@ -42,14 +42,20 @@ def errors(r) -> list[tuple]:
 
 @pytest.mark.parametrize(("value", "needle"), [
     (20150917, "20150917"), (0, "0"), (1442448000, "1442448000"), (True, "True"), (2015.5, "2015.5"),
-    ("01/02/2015", "'01/02/2015'"), ("17/09/2015", "'17/09/2015'"), ("2015-02-30", "'2015-02-30'"),
-    ("2015-9-17", "'2015-9-17'"), ("2015", "'2015'"), ("yesterday", "'yesterday'"),
+    ("01/02/2015", "'01/02/2015'"), ("17/09/2015", "'17/09/2015'"), ("2015-9-17", "'2015-9-17'"),
+    ("2015", "'2015'"), ("yesterday", "'yesterday'"), ("2015-09-17T00:00+02:00", "'2015-09-17T00:00+02:00'"),
 ])
 def test_dates_are_iso_strings_never_numbers_or_slash_dates(client, value, needle):
     r = client.post("/v1/models/rossmann/predict", json={"records": [GOOD, GOOD | {"Date": value}]})
     assert errors(r) == [(1, "Date", f"value {needle} is not an ISO 8601 date (YYYY-MM-DD)")]
     inv = client.post("/invocations?model=rossmann", json={"dataframe_records": [GOOD | {"Date": value}]})
     assert errors(inv)[0][:2] == (0, "Date")
+
+
+@pytest.mark.parametrize("value", ["2015-02-30", "2015-13-01", "8251-07-29", "1492-10-12"])
+def test_iso_shaped_dates_that_are_not_calendar_dates_in_range(client, value):
+    r = client.post("/v1/models/rossmann/predict", json={"records": [GOOD | {"Date": value}]})
+    assert errors(r) == [(0, "Date", f"value '{value}' is not a calendar date in the years 1678-2261")]
 
 
 def test_iso_dates_with_a_time_are_dates(client):

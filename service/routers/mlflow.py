@@ -11,6 +11,7 @@ MLflow clients and tools can call a tabrec server unchanged, several models incl
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Annotated
 
 import pandas as pd
@@ -74,7 +75,7 @@ def model_ping(registry: RegistryDep, name: ModelName) -> PlainTextResponse:
 async def score(request: Request, loaded: LoadedModel, body: InvocationsRequest, settings: Settings) -> JSONResponse:
     n = invocation_count(body, settings)
     nan = await has_nan_literals(request)
-    preds = await predict_records(request, loaded, lambda: invocation_frame(body, nan), n)
+    preds = await predict_records(request, loaded, lambda: invocation_frame(body, nan, loaded.predictor.schema.names), n)
     return JSONResponse({"predictions": preds})
 
 
@@ -101,10 +102,11 @@ def invocation_count(body: InvocationsRequest, settings: Settings) -> int:
     return n
 
 
-def invocation_frame(body: InvocationsRequest, nan_literals: bool = False) -> pd.DataFrame:
+def invocation_frame(body: InvocationsRequest, nan_literals: bool = False,
+                     keep: Collection[str] | None = None) -> pd.DataFrame:
     if body.dataframe_split is not None:
-        return split_frame(body.dataframe_split, nan_literals)
+        return split_frame(body.dataframe_split, nan_literals, keep)
     payload = next(p for p in (body.dataframe_records, body.instances, body.inputs) if p is not None)
     if isinstance(payload, dict):
-        return columns_frame(payload, nan_literals)
-    return records_frame(payload, nan_literals)
+        return columns_frame(payload, nan_literals, keep)
+    return records_frame(payload, nan_literals, keep)

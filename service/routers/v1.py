@@ -46,7 +46,8 @@ def get_model(model: ServedModel) -> ModelInfo:
 async def predict(request: Request, body: PredictRequest, model: ServedModel, settings: SettingsDep) -> JSONResponse:
     check_count(len(body.records), settings)
     nan = await has_nan_literals(request)
-    preds = await predict_records(request, model, lambda: records_frame(body.records, nan), len(body.records))
+    preds = await predict_records(request, model, lambda: records_frame(body.records, nan, model.predictor.schema.names),
+                                   len(body.records))
     return JSONResponse({"model": model.name, "version": model.version, "predictions": preds})
 
 

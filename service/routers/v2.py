@@ -113,7 +113,7 @@ async def v2_infer_with(request: Request, m: LoadedModel, body: V2InferRequest, 
     check_count(n, settings)
     binary = getattr(request.state, "tensor_bytes", None)
     nan = await has_nan_literals(request)
-    preds = await predict_array(request, m, lambda: tensors_frame(body.inputs, flats, binary, nan), n)
+    preds = await predict_array(request, m, lambda: tensors_frame(body.inputs, flats, binary, nan, m.predictor.schema.names), n)
     header = {"model_name": m.name, "model_version": m.version, "id": body.id}
     content, headers = infer_body(header, preds, wants_binary(body))
     return Response(content, headers=headers)
