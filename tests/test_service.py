@@ -382,8 +382,11 @@ def test_openapi_shows_each_models_input_columns(client, anon, rossmann_rows):
         op = spec["paths"][f"/v1/models/{name}/predict"]["post"]
         example = op["requestBody"]["content"]["application/json"]["example"]
         assert client.post(f"/v1/models/{name}/predict", json=example).status_code == 200
-        inv = spec["paths"]["/invocations"]["post"]["requestBody"]["content"]["application/json"]["examples"]
-        assert client.post("/invocations", params={"model": name}, json=inv[name]["value"]).status_code == 200
+        # MLflow examples live on each model's own MLflow path (plain /invocations, with two models
+        # and no TABREC_DEFAULT_MODEL, needs a model choice an example cannot carry)
+        inv = spec["paths"][f"/models/{name}/invocations"]["post"]["requestBody"]["content"]["application/json"]
+        assert client.post(f"/models/{name}/invocations", json=inv["example"]).status_code == 200
+        assert client.post("/invocations", params={"model": name}, json=inv["example"]).status_code == 200
     assert anon.get("/docs").status_code == 200
 
 
