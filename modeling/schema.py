@@ -1,13 +1,23 @@
-"""Raw-input schemas stored in a bundle, so a server validates requests without domain code."""
+"""Raw-input schemas stored in a bundle, so a server validates requests without domain code.
+
+Types are strict where a lenient reading would be a silent guess: a date is an ISO 8601 string
+(`YYYY-MM-DD`, optionally with a time `THH:MM[:SS[.fff]]`, no time zone) or an already typed
+datetime column, never a number (20150917 is not read as nanoseconds since 1970) nor a slash
+date (01/02/2015 is ambiguous); a boolean is only accepted where a `bool` is declared (`true`
+is not store 1). Integers and floats may come as numeric strings ("4"), because CSV and
+form-like clients send text; ids take strings or finite numbers.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from pandas.api.types import infer_dtype
 
 from modeling.errors import DataError
 
@@ -110,6 +120,10 @@ def _message(value: Any, f: InputField) -> str:
         return "field required"
     if f.type == "int" and _out_of_int64(value):
         return f"integer {_short(value)} out of range (int64)"
+    if f.type == "date":
+        if isinstance(value, str) and re.fullmatch(ISO_DATE, value):
+            return f"value {_short(value)} is not a calendar date in the years {DATE_YEARS}"
+        return f"value {_short(value)} is not an ISO 8601 date (YYYY-MM-DD)"
     if f.allowed is not None and not _scalar_bad(value, f.type):
         return f"value {_short(value)} not in {f.allowed}"
     return f"value {_short(value)} is not a valid {f.type}"
@@ -123,6 +137,8 @@ def _is_missing(value: Any) -> bool:
 
 
 def _out_of_int64(value: Any) -> bool:
+    if isinstance(value, bool | np.bool_):
+        return False
     num = pd.to_numeric(pd.Series([value], dtype=object), errors="coerce",
                         dtype_backend="numpy_nullable")
     if num.isna().iloc[0]:
@@ -132,7 +148,8 @@ def _out_of_int64(value: Any) -> bool:
 
 
 def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value.item() if isinstance(value, np.generic) else value)
+    value = value.item() if isinstance(value, np.generic) else value
+    text = "NaN" if isinstance(value, float) and value != value else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -148,27 +165,73 @@ _BOOL_WORDS = {"true": 1, "false": 0}
 
 def _coerce(col: pd.Series, type_: str) -> tuple[pd.Series, np.ndarray]:
     """Return the coerced column and a mask of values that were present but unusable
-    (unparseable, fractional or out-of-int64-range for ints, not 0/1 for bools)."""
-    if type_ == "int":
-        return _coerce_int(col)
-    if type_ in ("float", "bool"):
+    (unparseable, fractional or out-of-int64-range for ints, not 0/1 for bools, booleans
+    anywhere but in a bool field, dates that are not ISO 8601 strings)."""
+    if type_ == "date":
+        return _coerce_date(col)
+    if type_ == "bool":
         present = col.notna().to_numpy()
-        if type_ == "bool" and col.dtype == object:
+        if col.dtype == object:
             col = _bool_words(col)
         num = pd.to_numeric(col, errors="coerce")
-        bad = present & num.isna().to_numpy()
-        if type_ == "bool":
-            bad |= present & ~num.isin([0, 1]).to_numpy()
+        bad = present & (num.isna().to_numpy() | ~num.isin([0, 1]).to_numpy())
         return num.astype("float64"), bad
-    if type_ == "date":
-        if col.dtype == "datetime64[ns]":
-            return col, np.zeros(len(col), dtype=bool)
+    booleans = _booleans(col)
+    if type_ == "int":
+        coerced, bad = _coerce_int(col)
+    elif type_ == "float":
         present = col.notna().to_numpy()
-        dates = pd.to_datetime(col, errors="coerce", format="mixed")
-        bad = present & dates.isna().to_numpy()
-        return dates, bad
-    # "str" and "id": canonical strings, integral floats without ".0"
-    return canonical_strings(col), np.zeros(len(col), dtype=bool)
+        num = pd.to_numeric(col, errors="coerce")
+        coerced, bad = num.astype("float64"), present & num.isna().to_numpy()
+    else:  # "str" and "id": canonical strings, integral floats without ".0"
+        coerced, bad = canonical_strings(col), np.zeros(len(col), dtype=bool)
+    return coerced, bad | booleans
+
+
+def _booleans(col: pd.Series) -> np.ndarray:
+    """Mask of boolean values (True/False, numpy or pandas booleans): read as 1/0 they would be
+    a silent guess where a number, an id or a string is declared. Typed columns are decided by
+    dtype; an object column gets a per-cell type check only when it mixes booleans in."""
+    n = len(col)
+    if pd.api.types.is_bool_dtype(col.dtype):
+        return col.notna().to_numpy(dtype=bool) if n else np.zeros(0, dtype=bool)
+    if col.dtype != object or not n:
+        return np.zeros(n, dtype=bool)
+    kind = infer_dtype(col, skipna=True)
+    if kind == "boolean":
+        return col.notna().to_numpy(dtype=bool)
+    if kind.startswith("mixed"):
+        return col.map(type).isin([bool, np.bool_]).to_numpy(dtype=bool)
+    return np.zeros(n, dtype=bool)
+
+
+DATE_YEARS = "1678-2261"  # what datetime64[ns] holds
+ISO_DATE = r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?)?"
+_DATE_OBJECTS = {"date", "datetime", "datetime64"}
+_TEXT_KINDS = {"string", "mixed", "mixed-integer"}
+
+
+def _coerce_date(col: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """Datetime columns pass through; text must be ISO 8601 (a calendar date, optionally with a
+    time, no time zone); Python/NumPy date objects are taken as they are; anything else present
+    (numbers, booleans, other strings) is bad."""
+    n = len(col)
+    if pd.api.types.is_datetime64_any_dtype(col.dtype):
+        return col, np.zeros(n, dtype=bool)
+    present = col.notna().to_numpy(dtype=bool) if n else np.zeros(0, dtype=bool)
+    obj = col if col.dtype == object else col.astype(object)
+    kind = infer_dtype(obj, skipna=True) if n else "empty"
+    nat = pd.Series(pd.NaT, index=col.index, name=col.name, dtype="datetime64[ns]")
+    if kind in _DATE_OBJECTS:
+        dates = pd.to_datetime(obj, errors="coerce")
+        return dates, present & dates.isna().to_numpy()
+    if kind not in _TEXT_KINDS:  # numbers, booleans, nothing present
+        return nat, present
+    iso = obj.str.fullmatch(ISO_DATE).eq(True).to_numpy(dtype=bool)
+    if not iso.any():
+        return nat, present
+    dates = pd.to_datetime(obj.where(iso), format="ISO8601", errors="coerce")
+    return dates, present & dates.isna().to_numpy()
 
 
 def _bool_words(col: pd.Series) -> pd.Series:

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 
 from service.errors import install_error_handlers
 from service.metrics import ObservabilityMiddleware, ServiceMetrics, configure_logging
-from service.middleware import BodyLimitMiddleware
+from service.middleware import BodyMiddleware
 from service.openapi import DESCRIPTION, app_version, openapi_builder
 from service.registry import ModelRegistry
 from service.routers import admin, ops, v1, v2
@@ -71,9 +71,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyMiddleware, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics, logger=logger)
-    app.openapi = openapi_builder(app, registry)  # type: ignore[method-assign]
+    app.openapi = openapi_builder(app, registry, settings)  # type: ignore[method-assign]
     return app
 
 

@@ -19,13 +19,27 @@ from modeling.errors import DataError
 from modeling.schema import RecordsError
 from service.schemas import ErrorItem, ErrorResponse, InputError
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in [(400, "malformed JSON body or Content-Length"), (401, "API key missing"), (403, "API key wrong"), (404, "unknown model or item"),
-                       (413, "too many records or body too large"), (422, "invalid input"),
-                       (503, "model not loaded yet")]
+ERROR_TEXTS = {
+    400: "malformed JSON body, Content-Length or binary tensor header",
+    401: "API key missing", 403: "API key wrong", 404: "unknown model or item",
+    408: "request body not received in time (TABREC_BODY_TIMEOUT)",
+    413: "too many records or body too large",
+    415: "unsupported Content-Type or Content-Encoding (send application/json)",
+    422: "invalid input", 503: "model not loaded yet",
 }
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses, all in the ErrorResponse shape."""
+    return {code: {"model": ErrorResponse, "description": ERROR_TEXTS[code]} for code in codes}
+
+
+ERRORS = error_responses(400, 401, 403, 404, 408, 413, 415, 422, 503)
 """The documented error responses of the model routes (OpenAPI `responses`)."""
+ADMIN_ERRORS = error_responses(401, 403) | {
+    401: {"model": ErrorResponse, "description": "admin token missing"},
+    403: {"model": ErrorResponse, "description": "admin token wrong, or reload disabled (API keys set, no admin token)"},
+}
 RECORD_CONTAINERS = {"records", "dataframe_records", "instances", "inputs", "data"}
 BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's 400 detail
 

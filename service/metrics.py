@@ -22,6 +22,8 @@ from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.middleware import DISCONNECTED
+
 LOGGER = "tabrec.service"
 LOG_FIELDS = ("request_id", "method", "path", "status", "duration_ms", "model", "client")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -137,6 +139,37 @@ def uvicorn_log_config(level: str = "INFO") -> dict[str, Any]:
     }
 
 
+def route_template(scope: Scope) -> str | None:
+    """The route template a request would have been routed to, for requests answered before
+    routing (408, 413, 415, a client that left): the label stays the route, not "unmatched"."""
+    app = scope.get("app")
+    if app is None:
+        return None
+    table = app.__dict__.get("_tabrec_route_table")
+    if table is None:
+        table = app.__dict__["_tabrec_route_table"] = _route_table(app)
+    path, method = scope.get("path", ""), scope.get("method", "")
+    return next((template for regex, template, methods in table
+                 if method in methods and regex.match(path)), None)
+
+
+def _route_table(app: Any) -> list[tuple[re.Pattern[str], str, frozenset[str]]]:
+    from starlette.routing import compile_path
+
+    try:  # FastAPI >= 0.16x keeps included routers as nodes; flatten them to effective routes
+        from fastapi.routing import iter_route_contexts
+
+        routes = list(iter_route_contexts(app.routes))
+    except ImportError:  # pragma: no cover - older FastAPI lists the routes flat
+        routes = list(app.routes)
+    table = []
+    for route in routes:
+        path, methods = getattr(route, "path", None), getattr(route, "methods", None)
+        if path and methods:
+            table.append((compile_path(path)[0], path, frozenset(methods)))
+    return table
+
+
 def request_id_from(scope: Scope) -> str:
     """The caller's X-Request-ID when it is a sane token, else a fresh one."""
     for key, value in scope.get("headers", ()):
@@ -176,6 +209,8 @@ class ObservabilityMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+            if state.get("disconnected") and not started:
+                status = DISCONNECTED  # the client left before it had sent its request
         except Exception:
             self.log.exception("unhandled error", extra={"request_id": rid, "path": scope.get("path")})
             if started:
@@ -188,7 +223,7 @@ class ObservabilityMiddleware:
             self._record(scope, state, rid, status, time.perf_counter() - start)
 
     def _record(self, scope: Scope, state: dict, rid: str, status: int, seconds: float) -> None:
-        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        route = getattr(scope.get("route"), "path", None) or route_template(scope) or "unmatched"
         model = state.get("model") or ""
         self.metrics.observe_request(scope["method"], route, model, status, seconds)
         client = scope.get("client")

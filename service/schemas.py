@@ -6,7 +6,8 @@ checked column-wise on the DataFrame, and each model's own input schema coerces 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable, Collection
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -19,10 +20,6 @@ Record = dict[str, Any]
 SCALAR_TYPES = (str, int, float, bool, type(None))
 CLEAN_OBJECT_KINDS = {"string", "empty", "boolean"}
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-V2_DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-                "FP16", "FP32", "FP64", "BYTES")
-V2_FOR_INPUT_TYPE = {"int": "INT64", "float": "FP64", "bool": "BOOL", "str": "BYTES", "id": "BYTES",
-                     "date": "BYTES"}
 
 
 class ErrorItem(BaseModel):
@@ -135,9 +132,14 @@ class DataFrameSplit(BaseModel):
     index: list[Any] | None = None
 
 
-class InvocationsRequest(BaseModel):
-    """Exactly one of the four MLflow input formats."""
+INVOCATION_FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
+
+class InvocationsRequest(BaseModel):
+    """Exactly one of the four MLflow input formats (and optional params); nothing else."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [{"required": [k]} for k in INVOCATION_FORMATS]})
     dataframe_split: DataFrameSplit | None = None
     dataframe_records: list[Record] | None = None
     instances: list[Record] | dict[str, list[Any]] | None = None
@@ -146,11 +148,12 @@ class InvocationsRequest(BaseModel):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> InvocationsRequest:
-        given = [k for k in ("dataframe_split", "dataframe_records", "instances", "inputs")
-                 if getattr(self, k) is not None]
+        given = [k for k in INVOCATION_FORMATS if k in self.model_fields_set]  # present, even as null
         if len(given) != 1:
             raise ValueError("give exactly one of dataframe_split, dataframe_records, instances, inputs "
                              f"(got {given or 'none'})")
+        if getattr(self, given[0]) is None:
+            raise ValueError(f"{given[0]} must not be null")
         return self
 
 
@@ -159,31 +162,47 @@ class InvocationsResponse(BaseModel):
 
 
 # ---------------------------------------------------------------- Open Inference Protocol v2
+V2Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+                     "FP16", "FP32", "FP64", "BYTES"]
+Dim = Annotated[int, Field(ge=0, le=INT64_MAX)]
+
+
 class V2Tensor(BaseModel):
+    """One input column. `data` is flat (or nested `[[v], ...]` for shape [n, 1]); with Triton's
+    binary extension it is absent and `parameters.binary_data_size` bytes follow the JSON."""
+
     name: str
-    shape: list[int]
-    datatype: str
-    data: list[Any]
+    shape: list[Dim] = Field(min_length=1, max_length=2, description="[n] or [n, 1]")
+    datatype: V2Datatype
+    data: list[Any] | None = None
     parameters: dict[str, Any] | None = None
 
 
 class V2RequestedOutput(BaseModel):
     name: str
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(None, description='{"binary_data": true} for raw bytes')
 
 
 class V2InferRequest(BaseModel):
     id: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(None, description='{"binary_data_output": true} for raw bytes')
     inputs: list[V2Tensor]
     outputs: list[V2RequestedOutput] | None = None
+
+
+class V2OutputTensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: V2Datatype
+    data: list[float | None] | None = Field(None, description="absent when sent as binary data")
+    parameters: dict[str, Any] | None = None
 
 
 class V2InferResponse(BaseModel):
     model_name: str
     model_version: str | None = None
     id: str | None = None
-    outputs: list[V2Tensor]
+    outputs: list[V2OutputTensor]
 
 
 class V2TensorMeta(BaseModel):
@@ -201,16 +220,28 @@ class V2ModelMetadata(BaseModel):
 
 
 # ---------------------------------------------------------------- payload -> DataFrame
-def records_frame(records: list[Record]) -> pd.DataFrame:
-    """One DataFrame from a list of JSON objects (missing keys become missing values)."""
+NAN_MESSAGE = "value NaN is not valid JSON; send null for a missing value"
+
+
+def records_frame(records: list[Record], nan_literals: bool = False,
+                  keep: Collection[str] | None = None) -> pd.DataFrame:
+    """One DataFrame from a list of JSON objects (missing keys become missing values).
+
+    `nan_literals`: the body may hold NaN literals (non-standard JSON, which Python's parser
+    reads as float NaN): find them, since the frame can no longer tell them from missing keys.
+    `keep`: the model's input columns; other keys are ignored, whatever their values."""
     df = pd.DataFrame.from_records(records) if records else pd.DataFrame()
     if len(df) != len(records):  # all records empty objects: keep one row per record
         df = pd.DataFrame(index=pd.RangeIndex(len(records)))
+    df = _keep(df, keep)
+    if nan_literals:
+        reject_nan_literals(df, lambda i, c: records[i].get(c))
     check_cells(df)
     return df
 
 
-def split_frame(split: DataFrameSplit) -> pd.DataFrame:
+def split_frame(split: DataFrameSplit, nan_literals: bool = False,
+                keep: Collection[str] | None = None) -> pd.DataFrame:
     """MLflow dataframe_split -> DataFrame; every row must have one value per column."""
     n_cols = len(split.columns)
     if len(set(split.columns)) != n_cols:
@@ -221,50 +252,46 @@ def split_frame(split: DataFrameSplit) -> pd.DataFrame:
         raise InputError([ErrorItem(record=int(i), field=None,
                                     msg=f"row has {lengths[i]} values for {n_cols} columns") for i in bad[:5]])
     df = pd.DataFrame(split.data, columns=split.columns) if split.data else pd.DataFrame(columns=split.columns)
+    df = _keep(df, keep)
+    if nan_literals:
+        where = {c: j for j, c in enumerate(split.columns)}
+        reject_nan_literals(df, lambda i, c: split.data[i][where[c]])
     check_cells(df)
     return df
 
 
-def columns_frame(columns: dict[str, list[Any]]) -> pd.DataFrame:
+def columns_frame(columns: dict[str, list[Any]], nan_literals: bool = False,
+                  keep: Collection[str] | None = None) -> pd.DataFrame:
     """Columnar input ({"col": [...], ...}); all columns must have the same length."""
     lengths = {k: len(v) for k, v in columns.items()}
     if len(set(lengths.values())) > 1:
         raise InputError.one(f"columns have different lengths: {lengths}", field="inputs")
-    df = pd.DataFrame(columns)
+    df = _keep(pd.DataFrame(columns), keep)
+    if nan_literals:
+        reject_nan_literals(df, lambda i, c: columns[c][i])
     check_cells(df)
     return df
 
 
-def tensors_frame(inputs: list[V2Tensor]) -> pd.DataFrame:
-    """Open Inference Protocol columnar inputs: each tensor is one column of shape [n] or [n, 1]."""
+def _keep(df: pd.DataFrame, keep: Collection[str] | None) -> pd.DataFrame:
+    if keep is None:
+        return df
+    wanted = [c for c in df.columns if c in keep]
+    return df if len(wanted) == len(df.columns) else df[wanted]
+
+
+def reject_nan_literals(df: pd.DataFrame, cell: Callable[[int, Any], Any], max_items: int = 10) -> None:
+    """422 naming record and field for every NaN literal (looked up in the payload only where the
+    frame has a missing value, and only for bodies that contain the bytes `NaN`)."""
     errors: list[ErrorItem] = []
-    columns: dict[str, np.ndarray] = {}
-    for i, t in enumerate(inputs):
-        where = f"inputs[{i}]"
-        if t.datatype.upper() not in V2_DATATYPES:
-            errors.append(ErrorItem(field=f"{where}.datatype", msg=f"unknown datatype {t.datatype!r}"))
-            continue
-        if t.name in columns:
-            errors.append(ErrorItem(field=f"{where}.name", msg=f"input {t.name!r} given twice"))
-            continue
-        if len(t.shape) not in (1, 2) or (len(t.shape) == 2 and t.shape[1] != 1) or min(t.shape) < 0:
-            errors.append(ErrorItem(field=f"{where}.shape", msg=f"shape must be [n] or [n, 1], got {t.shape}"))
-            continue
-        try:
-            flat = np.asarray(t.data, dtype=object).reshape(-1)
-        except ValueError:
-            flat = None
-        if flat is None or len(flat) != t.shape[0]:
-            errors.append(ErrorItem(field=f"{where}.data", msg=f"data does not match shape {t.shape}"))
-            continue
-        columns[t.name] = flat
-    if not errors and len({len(c) for c in columns.values()}) > 1:
-        errors.append(ErrorItem(field="inputs", msg="all inputs must have the same first dimension"))
+    for name in df.columns:
+        for i in np.flatnonzero(df[name].isna().to_numpy())[: max_items * 4]:
+            value = cell(int(i), name)
+            if isinstance(value, float) and value != value:
+                errors.append(ErrorItem(record=int(i), field=str(name), msg=NAN_MESSAGE))
     if errors:
-        raise InputError(errors)
-    df = pd.DataFrame({k: pd.Series(v, dtype=object).infer_objects() for k, v in columns.items()})
-    check_cells(df)
-    return df
+        errors.sort(key=lambda e: (e.record or 0, e.field or ""))
+        raise InputError(errors[:max_items])
 
 
 def check_cells(df: pd.DataFrame, max_items: int = 10) -> None:

@@ -24,11 +24,11 @@ def check_count(n: int, settings: Settings) -> None:
                                  "(TABREC_MAX_RECORDS)")
 
 
-async def predict_records(request: Request, model: LoadedModel,
-                          make_frame: Callable[[], pd.DataFrame], n: int) -> list[float | None]:
+async def predict_array(request: Request, model: LoadedModel,
+                        make_frame: Callable[[], pd.DataFrame], n: int) -> np.ndarray:
     """Build the frame and predict: inline on the event loop for small requests (a thread hop
     costs more than the work), in the threadpool for large ones so they do not stall the loop."""
-    def work() -> list[float | None]:
+    def work() -> np.ndarray:
         return predict_frame(request, model, make_frame())
 
     if n <= INLINE_RECORDS:
@@ -36,14 +36,30 @@ async def predict_records(request: Request, model: LoadedModel,
     return await anyio.to_thread.run_sync(work)
 
 
-def predict_frame(request: Request, model: LoadedModel, df: pd.DataFrame) -> list[float | None]:
-    """One vectorized predict call; non-finite outputs become null so the JSON stays valid.
+async def predict_records(request: Request, model: LoadedModel,
+                          make_frame: Callable[[], pd.DataFrame], n: int) -> list[float | None]:
+    """predict_array as JSON-safe values: non-finite outputs become null."""
+    return json_values(await predict_array(request, model, make_frame, n))
+
+
+def predict_frame(request: Request, model: LoadedModel, df: pd.DataFrame) -> np.ndarray:
+    """One vectorized predict call, as float64.
 
     Bad values (including integers beyond int64) are rejected by the model's input schema
     with a RecordsError naming record and field (a 422)."""
     raw = model.predictor.predict(df)
     preds = np.asarray(raw, dtype=np.float64).reshape(-1)
     request.app.state.metrics.records.labels(model.name).inc(len(preds))
+    return preds
+
+
+def json_values(preds: np.ndarray) -> list[float | None]:
     out = preds.astype(object)
     out[~np.isfinite(preds)] = None
     return out.tolist()
+
+
+async def has_nan_literals(request: Request) -> bool:
+    """Whether the (already read) body may hold NaN literals: a byte search, so that the exact
+    per-cell look-up runs only for the rare body that has the bytes `NaN` at all."""
+    return b"NaN" in await request.body()

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from modeling.errors import DataError
 
@@ -21,6 +21,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_RECORDS = 10_000
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT = 10.0
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # environment variable -> Settings field, for plain scalar values
@@ -30,6 +31,8 @@ _SCALAR_ENV = {
     "TABREC_WORKERS": "workers",
     "TABREC_MAX_RECORDS": "max_records",
     "TABREC_MAX_BODY_BYTES": "max_body_bytes",
+    "TABREC_BODY_TIMEOUT": "body_timeout",
+    "TABREC_DEFAULT_MODEL": "default_model",
     "TABREC_RELOAD_INTERVAL": "reload_interval",
     "TABREC_TORCH_THREADS": "torch_threads",
     "TABREC_LOG_LEVEL": "log_level",
@@ -50,6 +53,9 @@ class Settings(BaseModel):
     admin_token: SecretStr | None = None
     max_records: int = Field(DEFAULT_MAX_RECORDS, ge=1)
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
+    body_timeout: float = Field(DEFAULT_BODY_TIMEOUT, gt=0.0,
+                                description="seconds a client may take to send a request body (408 after)")
+    default_model: str | None = Field(None, description="the model plain /invocations scores with")
     reload_interval: float = Field(0.0, ge=0.0, description="seconds between alias polls; 0 = off")
     torch_threads: int | None = Field(None, ge=1)
     log_level: str = "INFO"
@@ -58,6 +64,21 @@ class Settings(BaseModel):
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_keys)
+
+    @model_validator(mode="after")
+    def _default_is_served(self) -> Settings:
+        if self.default_model is not None and self.default_model not in self.models:
+            raise ValueError(f"TABREC_DEFAULT_MODEL {self.default_model!r} is not one of the served models "
+                             f"{sorted(self.models)}")
+        return self
+
+    @property
+    def invocations_model(self) -> str | None:
+        """The model plain /invocations uses without ?model=: the configured default, or the
+        only model served."""
+        if self.default_model is not None:
+            return self.default_model
+        return next(iter(self.models)) if len(self.models) == 1 else None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import warnings
 
 import numpy as np
@@ -81,3 +82,38 @@ def test_canonical_strings_never_wrap_large_floats() -> None:
         mixed = canonical_strings(pd.Series([1e30, "1.0", 2**70, None], dtype=object))
     assert got.tolist() == ["1e+30", "1", "-2", None, "inf"]
     assert mixed.tolist() == ["1e+30", "1", str(2**70), None]
+
+
+def test_dates_are_iso_8601_strings_or_typed_dates_never_numbers() -> None:
+    schema = InputSchema([InputField("day", "date")])
+    col = pd.Series(["2015-09-17", 20150917, 0, True, "01/02/2015", "17/09/2015", "2015-02-30", "2015-9-17"],
+                    dtype=object)
+    with pytest.raises(RecordsError) as info:
+        schema.validate(pd.DataFrame({"day": col}), max_per_field=10)
+    got = {e.record: e.msg for e in info.value.errors}
+    assert set(got) == {1, 2, 3, 4, 5, 6, 7}
+    assert got[1] == "value 20150917 is not an ISO 8601 date (YYYY-MM-DD)"
+    assert got[3] == "value True is not an ISO 8601 date (YYYY-MM-DD)"
+    assert got[4] == "value '01/02/2015' is not an ISO 8601 date (YYYY-MM-DD)"
+    assert got[6] == "value '2015-02-30' is not a calendar date in the years 1678-2261"
+    for numeric in (pd.Series([20150917, 20150918]), pd.Series([1.44e9, np.nan]), pd.Series([True, False])):
+        with pytest.raises(RecordsError, match="not an ISO 8601 date"):
+            schema.validate(pd.DataFrame({"day": numeric}))
+    ok = schema.validate(pd.DataFrame({"day": ["2015-09-17", "2015-09-17T10:30", "2015-09-17 10:30:00.5"]}))
+    assert ok["day"].tolist() == [pd.Timestamp("2015-09-17"), pd.Timestamp("2015-09-17 10:30"),
+                                  pd.Timestamp("2015-09-17 10:30:00.5")]
+    typed = pd.DataFrame({"day": pd.to_datetime(["2015-09-17"]).astype("datetime64[s]")})
+    assert schema.validate(typed)["day"].dtype == "datetime64[s]"  # typed columns pass through
+    objects = schema.validate(pd.DataFrame({"day": pd.Series([dt.date(2015, 9, 17)], dtype=object)}))
+    assert objects["day"].tolist() == [pd.Timestamp("2015-09-17")]
+
+
+def test_booleans_only_in_bool_fields() -> None:
+    for field in ("n", "x", "user", "code"):
+        with pytest.raises(RecordsError) as info:
+            SCHEMA.validate(pd.DataFrame({"n": [1, 2], field: pd.Series([True, False], dtype=object)}))
+        assert {(e.record, e.field) for e in info.value.errors} >= {(0, field), (1, field)}
+    mixed = errors_of(pd.DataFrame({"n": pd.Series([1, True, np.True_], dtype=object)}))
+    assert mixed == [(1, "n", "value True is not a valid int"), (2, "n", "value True is not a valid int")]
+    ok = SCHEMA.validate(pd.DataFrame({"n": [1], "flag": [True]}))
+    assert ok["flag"].tolist() == [1.0]

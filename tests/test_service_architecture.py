@@ -19,7 +19,8 @@ MODULES = sorted(SERVICE.rglob("*.py"))
 MAX_LINES = 500
 
 # (method, path, endpoint name) in matching order, captured from the app before the split of
-# service/app.py into routers; the endpoint names are also the OpenAPI operation ids' stems.
+# service/app.py into routers (plus the routes added since: per-model MLflow paths, the v2
+# versioned readiness); the endpoint names are also the OpenAPI operation ids' stems.
 ROUTES = [
     ("GET", "/openapi.json", "openapi"),
     ("HEAD", "/openapi.json", "openapi"),
@@ -40,17 +41,21 @@ ROUTES = [
     ("GET", "/v1/models/{name}/items/{item}/similar", "similar"),
     ("POST", "/v1/admin/reload", "reload"),
     ("POST", "/invocations", "invocations"),
+    ("POST", "/models/{name}/invocations", "model_invocations"),
+    ("GET", "/models/{name}/ping", "model_ping"),
     ("GET", "/v2", "v2_server"),
     ("GET", "/v2/health/live", "v2_live"),
     ("GET", "/v2/health/ready", "v2_ready"),
     ("GET", "/v2/models/{name}/ready", "v2_model_ready"),
+    ("GET", "/v2/models/{name}/versions/{version}/ready", "v2_version_ready"),
     ("GET", "/v2/models/{name}", "v2_metadata"),
     ("GET", "/v2/models/{name}/versions/{version}", "v2_version_metadata"),
     ("POST", "/v2/models/{name}/infer", "v2_infer"),
     ("POST", "/v2/models/{name}/versions/{version}/infer", "v2_version_infer"),
 ]
 API_KEY_ROUTES = {p for _, p, _ in ROUTES if p.startswith("/v1/models")} | {
-    "/invocations", "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"}
+    "/invocations", "/models/{name}/invocations", "/v2/models/{name}/infer",
+    "/v2/models/{name}/versions/{version}/infer"}
 ADMIN_ROUTES = {"/v1/admin/reload"}
 
 

@@ -8,9 +8,11 @@ from fastapi import APIRouter, Depends, Query
 
 from service.auth import require_admin
 from service.deps import RegistryDep
+from service.errors import ADMIN_ERRORS
 from service.schemas import ReloadResponse
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)],
+                   responses=ADMIN_ERRORS)
 
 
 @router.post("/reload", response_model=ReloadResponse,

@@ -1,17 +1,27 @@
 """MLflow's scoring protocol (`POST /invocations`, as `mlflow models serve` answers it), so
-MLflow clients and tools can call a tabrec server unchanged. `/ping` is in ops."""
+MLflow clients and tools can call a tabrec server unchanged, several models included:
+
+- plain `/invocations` scores with the model named by `?model=` or `X-Model-Name`, else with
+  TABREC_DEFAULT_MODEL, else with the only model served (several and no choice: 422);
+- `/models/{name}/invocations` and `/models/{name}/ping` make each model a scoring server of its
+  own, so a client that can only be given a base URL (MLflow's ScoringServerClient) reaches any
+  model: its base URL is `http://host:port/models/{name}`.
+
+`/ping` (the whole server's health) is in ops."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Annotated
 
 import pandas as pd
-from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from service.auth import require_api_key
-from service.deps import SettingsDep, resolve_model
+from service.deps import ModelName, RegistryDep, SettingsDep, resolve_model
 from service.errors import ERRORS
+from service.registry import LoadedModel
 from service.schemas import (
     InputError,
     InvocationsRequest,
@@ -20,10 +30,12 @@ from service.schemas import (
     records_frame,
     split_frame,
 )
-from service.scoring import check_count, predict_records
+from service.scoring import check_count, has_nan_literals, predict_records
 from service.settings import Settings
 
 router = APIRouter(tags=["mlflow"], responses=ERRORS)
+ModelChoice = Annotated[str | None, Query(description="model name; needed when several models are served and "
+                                                      "no TABREC_DEFAULT_MODEL is set", min_length=1)]
 
 
 @router.post("/invocations", response_model=InvocationsResponse, dependencies=[Depends(require_api_key)],
@@ -32,26 +44,51 @@ async def invocations(
     request: Request,
     body: InvocationsRequest,
     settings: SettingsDep,
-    model: Annotated[str | None, Query(description="model name; required when several models are served")] = None,
+    model: ModelChoice = None,
     x_model_name: Annotated[str | None, Header(description="alternative to ?model=")] = None,
 ) -> JSONResponse:
     # The model is resolved here, after the body is validated, not in a dependency: which
     # model to use depends on how many are served (a 422 naming the choices) as well as on
     # ?model= or X-Model-Name, and a bad body is reported before a bad model choice.
-    loaded = resolve_model(request, choose_model(request, model or x_model_name))
+    loaded = resolve_model(request, choose_model(request, settings, model or x_model_name))
+    return await score(request, loaded, body, settings)
+
+
+@router.post("/models/{name}/invocations", response_model=InvocationsResponse,
+             dependencies=[Depends(require_api_key)],
+             summary="MLflow scoring protocol for one model (base URL http://host:port/models/{name})")
+async def model_invocations(request: Request, name: ModelName, body: InvocationsRequest,
+                            settings: SettingsDep) -> JSONResponse:
+    return await score(request, resolve_model(request, name), body, settings)
+
+
+@router.get("/models/{name}/ping", response_class=PlainTextResponse,
+            summary="MLflow-style health of one model (200 when it is loaded)",
+            responses={404: {"description": "unknown model", "content": {"application/json": {}}},
+                       503: {"description": "not loaded yet", "content": {"text/plain": {}}}})
+def model_ping(registry: RegistryDep, name: ModelName) -> PlainTextResponse:
+    if name not in registry.specs:
+        raise HTTPException(404, f"unknown model {name!r}")
+    return PlainTextResponse("\n", status_code=200 if name in registry.models else 503)
+
+
+async def score(request: Request, loaded: LoadedModel, body: InvocationsRequest, settings: Settings) -> JSONResponse:
     n = invocation_count(body, settings)
-    preds = await predict_records(request, loaded, lambda: invocation_frame(body), n)
+    nan = await has_nan_literals(request)
+    preds = await predict_records(request, loaded, lambda: invocation_frame(body, nan, loaded.predictor.schema.names), n)
     return JSONResponse({"predictions": preds})
 
 
-def choose_model(request: Request, chosen: str | None) -> str:
-    names = list(request.app.state.registry.specs)
+def choose_model(request: Request, settings: Settings, chosen: str | None) -> str:
     if chosen:
         return chosen
-    if len(names) == 1:
-        return names[0]
-    raise InputError.one(f"several models are served {names}: choose one with ?model=NAME "
-                         "or the X-Model-Name header", field="model")
+    default = settings.invocations_model
+    if default is not None:
+        return default
+    names = list(request.app.state.registry.specs)
+    raise InputError.one(f"several models are served {names}: choose one with ?model=NAME, the X-Model-Name "
+                         "header or the path /models/NAME/invocations (or set TABREC_DEFAULT_MODEL)",
+                         field="model")
 
 
 def invocation_count(body: InvocationsRequest, settings: Settings) -> int:
@@ -65,10 +102,11 @@ def invocation_count(body: InvocationsRequest, settings: Settings) -> int:
     return n
 
 
-def invocation_frame(body: InvocationsRequest) -> pd.DataFrame:
+def invocation_frame(body: InvocationsRequest, nan_literals: bool = False,
+                     keep: Collection[str] | None = None) -> pd.DataFrame:
     if body.dataframe_split is not None:
-        return split_frame(body.dataframe_split)
+        return split_frame(body.dataframe_split, nan_literals, keep)
     payload = next(p for p in (body.dataframe_records, body.instances, body.inputs) if p is not None)
     if isinstance(payload, dict):
-        return columns_frame(payload)
-    return records_frame(payload)
+        return columns_frame(payload, nan_literals, keep)
+    return records_frame(payload, nan_literals, keep)

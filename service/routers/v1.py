@@ -20,7 +20,7 @@ from service.schemas import (
     SimilarResponse,
     records_frame,
 )
-from service.scoring import check_count, predict_records
+from service.scoring import check_count, has_nan_literals, predict_records
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(require_api_key)], responses=ERRORS)
 TopK = Annotated[int, Query(ge=1, le=1000)]
@@ -45,7 +45,9 @@ def get_model(model: ServedModel) -> ModelInfo:
              summary="Predict from raw records (one vectorized call per request)")
 async def predict(request: Request, body: PredictRequest, model: ServedModel, settings: SettingsDep) -> JSONResponse:
     check_count(len(body.records), settings)
-    preds = await predict_records(request, model, lambda: records_frame(body.records), len(body.records))
+    nan = await has_nan_literals(request)
+    preds = await predict_records(request, model, lambda: records_frame(body.records, nan, model.predictor.schema.names),
+                                   len(body.records))
     return JSONResponse({"model": model.name, "version": model.version, "predictions": preds})
 
 
