@@ -45,6 +45,8 @@ def _layers_text(sizes: tuple[int, ...]) -> str:
 
 
 def _setup_logging(quiet: bool) -> None:
+    if quiet:  # MLflow's artifact download bar writes to stderr whatever the log level
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     level = logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("mlflow", "alembic", "urllib3", "git"):
