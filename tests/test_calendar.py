@@ -264,3 +264,33 @@ def test_train_with_calendar_keeps_it_in_the_bundle(demo: dict, tmp_path: Path) 
     assert info["future_rows"] == len(demo["test"]) and info["horizon"][1] == demo["test"]["Date"].max()
     np.testing.assert_allclose(trained.predict(demo["test"]),
                                trained.with_calendar_file(data["test.csv"]).predict(demo["test"]), rtol=1e-6)
+
+
+def test_training_calendar_reader_names_file_column_line(tmp_path: Path) -> None:
+    """`train rossmann --calendar`: the test.csv-layout reader (types, duplicate rows) and the
+    check against train.csv (unknown stores, contradictions), each naming file, column and line."""
+    from pipelines.ingest.rossmann import check_calendar, read_calendar, read_train
+    from pipelines.synth import write_rossmann
+
+    files = write_rossmann(tmp_path / "data", stores=3, days=90, seed=1)
+    train = read_train(files["train.csv"])
+    test = pd.read_csv(files["test.csv"], dtype=str)
+    cal = read_calendar(files["test.csv"])
+    assert len(cal) == len(test) and str(cal["Date"].dtype) == "datetime64[ns]"
+    check_calendar(cal, train, files["test.csv"])  # the synthetic test.csv fits its train.csv
+    minimal = tmp_path / "minimal.csv"  # only the calendar columns
+    test[["Store", "Date", "Promo", "StateHoliday", "SchoolHoliday"]].to_csv(minimal, index=False)
+    assert len(read_calendar(minimal)) == len(test)
+    cases = {
+        "type": (test.assign(SchoolHoliday=np.where(test.index == 2, "maybe", test["SchoolHoliday"])),
+                 ["column 'SchoolHoliday'", "line 4"]),
+        "duplicate": (pd.concat([test, test.iloc[[0]]], ignore_index=True), ["'Store', 'Date'", "line 2"]),
+        "unknown": (test.assign(Store=np.where(test.index == 1, "77", test["Store"])),
+                    ["column 'Store'", "unknown", "line 3", "Store=77"]),
+    }
+    for name, (frame, expect) in cases.items():
+        path = tmp_path / f"{name}.csv"
+        frame.to_csv(path, index=False)
+        with pytest.raises(DataError) as info:
+            check_calendar(read_calendar(path), train, path)
+        assert str(path) in str(info.value) and all(e in str(info.value) for e in expect), (name, str(info.value))
