@@ -41,9 +41,8 @@ from pipelines.features.rossmann import (
     split_by_days,
     training_rows,
 )
+from pipelines.ingest.external import ExternalTables, read_external
 from pipelines.ingest.rossmann import (
-    ExternalTables,
-    read_external,
     read_store,
     read_test,
     read_train,

@@ -26,7 +26,8 @@ from modeling.features import (
     Step,
     WeeksSince,
 )
-from pipelines.ingest.rossmann import STATE_HOLIDAYS, ExternalTables
+from pipelines.ingest.external import ExternalTables
+from pipelines.ingest.rossmann import STATE_HOLIDAYS
 
 EVENTS = ["StateHoliday", "SchoolHoliday", "Promo"]
 EVENT_WINDOW = 7

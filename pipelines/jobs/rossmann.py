@@ -50,11 +50,11 @@ from pipelines.features.rossmann import (
     split_by_days,
     training_rows,
 )
+from pipelines.ingest.external import read_external
 from pipelines.ingest.rossmann import (
     check_calendar,
     check_stores,
     read_calendar,
-    read_external,
     read_store,
     read_train,
 )
