@@ -32,9 +32,20 @@ class SourceInfo:
     sha256: str  # of the content for a file; of what is known (names, sizes, mtimes) otherwise
     note: str = ""
 
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+    def label(self) -> str:
+        """How the UI's dataset panel lists it: 'train.csv (38,000,000 bytes)', 'parts/ (directory, ...)'."""
+        if self.kind == "file":
+            return f"{self.name} ({self.bytes:,} bytes)"
+        if self.kind == "directory":
+            return f"{self.name}/ (directory, {self.bytes:,} bytes)"
+        return f"{self.name} ({self.kind})"
+
     def to_dict(self) -> dict[str, Any]:
-        d = {"name": Path(self.path).name, "path": self.path, "kind": self.kind, "bytes": self.bytes,
-             "sha256": self.sha256}
+        d = {"name": self.name, "path": self.path, "kind": self.kind, "bytes": self.bytes, "sha256": self.sha256}
         return {**d, "note": self.note} if self.note else d
 
 
@@ -120,18 +131,22 @@ class DataInput:
     target: str | None = None
 
     def describe(self) -> dict[str, Any]:
-        """The dataset's profile and digest (what `log_datasets` logs and the description reads)."""
+        """The dataset's digest, its profile (flat values: the UI's dataset panel shows each as one
+        line) and its sources in full (what the run description reads)."""
         sources = [describe_source(s) for s in self.sources]
         notes = [s.note for s in sources if s.note]
         digest = _sha([[s.sha256 for s in sources], self.selection, self.rows, self.columns])[:10]
         profile = {"num_rows": int(self.rows), "num_elements": int(self.rows) * max(1, len(self.columns)),
-                   **self.profile, "sources": [s.to_dict() for s in sources]}
+                   **self.profile}
         if self.selection:
             profile["selection"] = self.selection
         if self.target:
             profile["target"] = self.target
+        profile["sources"] = ", ".join(s.label() for s in sources)
+        profile["sha256"] = ", ".join(s.sha256 for s in sources)
         if notes:
             profile["note"] = "; ".join(notes)
-        return {"name": self.name, "context": self.context, "digest": digest, "profile": profile}
+        return {"name": self.name, "context": self.context, "digest": digest, "profile": profile,
+                "sources": [s.to_dict() for s in sources]}
 
 

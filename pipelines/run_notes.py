@@ -10,7 +10,7 @@ MLflow and the wording is tested without a store.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,12 +69,12 @@ class Decision:
             why = (f"{m} {'beats' if self.better else 'does not beat'} champion version {champ.version} "
                    f"({fmt(champ.value)}): {change(self.value, champ.value, self.lower_is_better)}")
         if self.forced and not self.better:
-            return f"**Promoted to @{CHAMPION} with `--force`**: {why}."
+            return f"**Promoted to `{CHAMPION}` with `--force`**: {why}."
         if self.forced:
-            return f"**Promoted to @{CHAMPION}** (`--force` given, not needed): {why}."
+            return f"**Promoted to `{CHAMPION}`** (`--force` given, not needed): {why}."
         if self.promoted:
-            return f"**Promoted to @{CHAMPION}**: {why}."
-        return f"**Not promoted**: {why}; @{CHAMPION} stays on version {champ.version if champ else '?'}."
+            return f"**Promoted to `{CHAMPION}`**: {why}."
+        return f"**Not promoted**: {why}; alias `{CHAMPION}` stays on version {champ.version if champ else '?'}."
 
 
 @dataclass
@@ -137,25 +137,28 @@ def data_lines(inputs: Sequence[Mapping[str, Any]]) -> list[str]:
         if prof.get("date_min"):
             parts.append(f"{prof['date_min']} to {prof['date_max']}")
         parts += [f"{int(v):,} {k.removeprefix('n_')}" for k, v in prof.items()
-                  if k.startswith("n_") and isinstance(v, int | float)]
+                  if k.startswith("n_") and k != "n_files" and isinstance(v, int | float)]
         if prof.get("selection"):
             parts.append(str(prof["selection"]))
-        files = ", ".join(f"`{s['name']}`" for s in prof.get("sources", []))
+        files = ", ".join(f"`{s['name']}`" for s in d.get("sources", []))
         note = f" ({prof['note']})" if prof.get("note") else ""
         out.append(f"- {d['context']}: {', '.join(parts)}; from {files}{note}")
     return out
 
 
 def run_description(h: Headline, inputs: Sequence[Mapping[str, Any]], highlights: Sequence[str],
-                    findings: Sequence[str] = (), decision: Decision | None = None, pending: bool = False) -> str:
-    """The run's Markdown description (`mlflow.note.content`)."""
+                    findings: Sequence[str] = (), decision: Decision | None = None, pending: bool = False,
+                    link: Callable[[str], str] | None = None) -> str:
+    """The run's Markdown description (`mlflow.note.content`); `link(artifact_path)` makes the
+    plots to open first clickable."""
     parts = ["\n".join(headline_lines(h)), decision_line(h, decision, pending)]
     if inputs:
         parts.append("**Data**\n" + "\n".join(data_lines(inputs)))
     if findings:
         parts.append("**Where the model is wrong**\n" + "\n".join(f"- {f}" for f in findings))
     if highlights:
-        parts.append("**Open first** (Artifacts tab): " + ", ".join(f"`{p}`" for p in highlights))
+        shown = [f"[`{p}`]({link(p)})" if link else f"`{p}`" for p in highlights]
+        parts.append("**Open first** (Artifacts tab): " + ", ".join(shown))
     return "\n\n".join(parts) + "\n"
 
 

@@ -325,10 +325,15 @@ def current_champion(name: str, metric: str) -> Champion | None:
     return Champion(name, str(champ.version), value, champ.run_id)
 
 
-def run_link(run_id: str) -> str:
-    """The run's page: absolute for an http(s) tracking server, else the UI's relative route."""
-    run = MlflowClient().get_run(run_id)
-    route = f"#/experiments/{run.info.experiment_id}/runs/{run_id}"
+UI_VIEW = "workflowType=machine_learning"  # MLflow 3.17's UI picks GenAI or model-training view from this
+
+
+def run_link(run_id: str, experiment_id: str | None = None, subpath: str = "") -> str:
+    """The run's page (or `subpath` under it, e.g. `/artifacts/plots/x.png`) in the UI's
+    model-training view: absolute for an http(s) tracking server, else the UI's relative route."""
+    if experiment_id is None:
+        experiment_id = MlflowClient().get_run(run_id).info.experiment_id
+    route = f"#/experiments/{experiment_id}/runs/{run_id}{subpath}?{UI_VIEW}"
     uri = tracking_uri()
     return f"{uri.rstrip('/')}/{route}" if urlparse(uri).scheme in ("http", "https") else route
 

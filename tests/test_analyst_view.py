@@ -72,8 +72,9 @@ def test_training_runs_log_train_and_valid_datasets(use_model_store):
         assert valid["profile"]["num_rows"] == int(run.data.params["n_valid"])
         assert train["profile"][count] > 0 and train["profile"]["target"] == target
         assert target in {c["name"] for c in train["schema"]}
-        src = train["profile"]["sources"][0]
-        assert src["kind"] == "file" and src["sha256"] == describe_source(first).sha256
+        size = Path(first).stat().st_size
+        assert train["profile"]["sources"].startswith(f"{Path(first).name} ({size:,} bytes)")
+        assert train["profile"]["sha256"].split(", ")[0] == describe_source(first).sha256
     ross = _inputs(_run(use_model_store["rossmann"]))
     assert ross["training"]["profile"]["date_max"] < ross["validation"]["profile"]["date_min"]
     assert "last 42 days" in ross["validation"]["profile"]["selection"]
@@ -85,7 +86,7 @@ def test_run_description_states_headline_decision_data_and_plots(use_model_store
     m = result["metrics"]
     assert f"`valid_rmspe` = {m['valid_rmspe']:.4f}" in note
     assert f"`rf_valid_rmspe` {m['rf_valid_rmspe']:.4f}" in note
-    assert "Registered as **rossmann version 1**" in note and "Promoted to @champion" in note
+    assert "Registered as **rossmann version 1**" in note and "Promoted to `champion`" in note
     assert "training:" in note and "validation:" in note and "stores" in note
     assert "`plots/error_breakdown.png`" in note and "`plots/partial_dependence.png`" in note
     assert "worst store" in note
@@ -142,7 +143,7 @@ def test_analyst_plots_and_tables(use_model_store):
 def test_registered_champion_version_says_why(use_model_store):
     client = MlflowClient()
     mv = client.get_model_version("rossmann", "1")
-    assert "Promoted to @champion" in mv.description and "no champion to beat" in mv.description
+    assert "Promoted to `champion`" in mv.description and "no champion to beat" in mv.description
     assert f"#/experiments/{_run(use_model_store['rossmann']).info.experiment_id}/runs/" in mv.description
     assert mv.tags["tabrec.promoted"] == "true" and mv.tags["tabrec.metric"] == "valid_rmspe"
 
@@ -183,7 +184,7 @@ def test_version_description_after_promotion_refusal_and_force(mlflow_store, tmp
     assert "vs current champion recs version 1" in note
 
     v3 = client.get_model_version("recs", "3")
-    assert v3.description.startswith("**Promoted to @champion with `--force`**")
+    assert v3.description.startswith("**Promoted to `champion` with `--force`**")
     assert v3.tags["tabrec.forced"] == "true" and v3.tags["tabrec.promoted"] == "true"
     assert str(client.get_model_version_by_alias("recs", "champion").version) == "3"
     assert client.get_run(forced["run_id"]).info.status == "FINISHED"
@@ -206,7 +207,7 @@ def test_batch_runs_log_their_input(use_model_store, bundles, tmp_path, monkeypa
     assert inp["tags"]["mlflow.data.context"] == "scoring"
     assert inp["source"]["uri"] == str(test_csv.absolute()) and inp["name"] == "test.csv"
     assert inp["profile"]["num_rows"] == res["rows_in"]
-    assert inp["profile"]["sources"][0]["sha256"] == describe_source(test_csv).sha256
+    assert inp["profile"]["sha256"] == describe_source(test_csv).sha256
     assert {"Store", "Date", "Promo"} <= {c["name"] for c in inp["schema"]}
     exp = MlflowClient().get_experiment(_batch_run(res["run_id"]).info.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -258,13 +259,13 @@ def test_sources_that_cant_be_fingerprinted_still_log_a_dataset(mlflow_store, tm
     inputs = _inputs(MlflowClient().get_run(done["run_id"]))
     piped, dirs = inputs["training"], inputs["validation"]
     assert "pipe can't be fingerprinted" in piped["profile"]["note"]
-    assert piped["profile"]["sources"][0]["kind"] == "pipe" and piped["profile"]["num_rows"] == 10
-    assert dirs["profile"]["sources"][0]["kind"] == "directory" and dirs["profile"]["sources"][0]["bytes"] == 8
-    assert "directory of 2 files" in dirs["profile"]["note"]
+    assert piped["profile"]["sources"] == "ratings.pipe (pipe)" and piped["profile"]["num_rows"] == 10
+    assert dirs["profile"]["sources"] == "parts/ (directory, 8 bytes)"
+    assert "directory of 2 files" in dirs["profile"]["note"] and "not their content" in dirs["tags"]["tabrec.note"]
     assert len(done["fingerprint"]) == 64
     (parts / "b.csv").write_text("x\n3\n")  # same size, later mtime: a different digest
     os.utime(parts / "b.csv", ns=(time.time_ns(), time.time_ns() + 10**9))
-    assert describe_source(parts).sha256 != dirs["profile"]["sources"][0]["sha256"]
+    assert describe_source(parts).sha256 != dirs["profile"]["sha256"]
     missing = describe_source(tmp_path / "gone.csv")
     assert missing.kind == "missing" and "not readable" in missing.note
 
@@ -295,3 +296,25 @@ def test_epoch_names_and_final_names():
                      "precision_at_10": 0.2}
     assert params == {"lr_used": 0.01}
     assert np.isfinite(named["valid_rmse"])
+
+
+def test_decision_and_headline_wording():
+    from pipelines.run_notes import Champion, Decision, Headline, change, run_description
+
+    champ = Champion("m", "3", 0.20, "r")
+    assert change(0.19, 0.20) == "5.0 % better (−0.0100)" and change(0.22, 0.20) == "10.0 % worse (+0.0200)"
+    better = Decision("m", "4", "valid_rmse", 0.19, champ, better=True, forced=False)
+    assert better.sentence().startswith("**Promoted to `champion`**: `valid_rmse` 0.1900 beats champion version 3")
+    assert better.result() == {"name": "m", "version": "4", "alias": "champion", "champion_metric": 0.20,
+                               "metric": "valid_rmse"}
+    worse = Decision("m", "4", "valid_rmse", 0.22, champ, better=False, forced=False)
+    assert worse.sentence().endswith("alias `champion` stays on version 3.") and worse.result()["alias"] is None
+    forced = Decision("m", "4", "valid_rmse", 0.22, champ, better=False, forced=True)
+    assert forced.sentence().startswith("**Promoted to `champion` with `--force`**")
+    assert forced.tags()["tabrec.forced"] == "true"
+    h = Headline("valid_rmse", 0.22, [("bias baseline", "baseline_rmse", 0.25)], champion=champ, register="m")
+    text = run_description(h, [], ["plots/a.png"], decision=worse, link=lambda p: f"#/x/{p}")
+    assert "vs current champion m version 3 (0.2000): 10.0 % worse" in text
+    assert "[`plots/a.png`](#/x/plots/a.png)" in text and "Registered as **m version 4**" in text
+    pending = run_description(Headline("valid_rmse", 0.2, register="m"), [], [], pending=True)
+    assert "follows when the run has ended" in pending and "no champion of m yet" in pending

@@ -192,14 +192,14 @@ def run_job(job: TrainingJob[Any, Any]) -> dict[str, Any] | None:
     cfg = job.cfg
     cfg.validate()
     t_start = time.perf_counter()
-    if distributed.current().is_main:
+    rank0 = distributed.current().is_main
+    if rank0:
         tracking.check_tracking_reachable()  # in seconds, before minutes of data preparation
     job.data = data = job.prepare()
     fingerprint = tracking.file_fingerprint(data.files)
     tags = {"tabrec.pipeline": job.pipeline, "data_fingerprint": fingerprint}
     if commit := tracking.git_commit():
         tags["git_commit"] = commit
-    rank0 = distributed.current().is_main
     with (tracking.tracked_run(cfg.experiment, run_name=job.run_name(), tags=tags) if rank0
           else contextlib.nullcontext()) as run, \
             tempfile.TemporaryDirectory(prefix=f"tabrec-{job.pipeline}-") as tmp_dir:
@@ -241,8 +241,10 @@ def run_job(job: TrainingJob[Any, Any]) -> dict[str, Any] | None:
         model_uri, logged_uri = tracking.log_bundle(bundle_dir, parts.example, parts.example_pred)
         run_id = run.info.run_id
         headline = _headline(job, metrics)
+        exp_id = run.info.experiment_id
         notes = {"inputs": inputs, "highlights": analysis.highlights or ["plots/learning_curves.png"],
-                 "findings": analysis.findings}
+                 "findings": analysis.findings,
+                 "link": lambda path: tracking.run_link(run_id, exp_id, f"/artifacts/{path}")}
         tracking.set_description(run_notes.run_description(headline, **notes, pending=True))
     registered = None
     if cfg.register:
