@@ -105,6 +105,18 @@ TEST_SCHEMA = pa.DataFrameSchema(
     unique=["Store", "Date"], checks=[DOW_CHECK], coerce=True, name="test",
 )
 
+# Known future events in the test.csv layout: Id, DayOfWeek and Open may be present (and are
+# checked when they are), the event columns are required.
+CALENDAR_SCHEMA = pa.DataFrameSchema(
+    {"Id": _col("int64", unique=True, required=False),
+     "Store": _col("int64", pa.Check.ge(1)),
+     "DayOfWeek": _col("int64", pa.Check.isin(list(range(1, 8))), required=False),
+     "Date": _col("datetime64[ns]"),
+     **_calendar_columns(open_nullable=True),
+     "Open": _col("float64", pa.Check.isin([0, 1]), nullable=True, required=False)},
+    unique=["Store", "Date"], checks=[DOW_CHECK], coerce=True, name="calendar",
+)
+
 _opt_float = {"nullable": True}
 STORE_SCHEMA = pa.DataFrameSchema(
     {
@@ -370,6 +382,26 @@ def read_train(path: PathLike, nrows: int | None = None) -> pd.DataFrame:
 def read_test(path: PathLike, nrows: int | None = None) -> pd.DataFrame:
     """Kaggle test.csv: like train without Sales/Customers, with Id; Open may be missing (NaN)."""
     return _read(path, TEST_SCHEMA, nrows)
+
+
+def read_calendar(path: PathLike, nrows: int | None = None) -> pd.DataFrame:
+    """Known future events in the test.csv layout (Store, Date, Promo, StateHoliday,
+    SchoolHoliday; Id, DayOfWeek, Open optional): typed and validated, (Store, Date) unique."""
+    return _read(path, CALENDAR_SCHEMA, nrows)
+
+
+def check_calendar(calendar: pd.DataFrame, train: pd.DataFrame, path: PathLike) -> None:
+    """The calendar read from `path` against train.csv: every Store must be one of train.csv's
+    and no event flag may contradict train.csv's row for the same (Store, Date). One DataError
+    naming the file, the column and the first lines otherwise."""
+    from modeling.features.calendar import calendar_problems, calendar_table, raise_problems
+    from pipelines.features.rossmann import EVENTS
+
+    known = calendar_table(train, "Store", "Date", EVENTS, observed=True)
+    p = Path(path)
+    label = table_row if _is_parquet(p) else csv_line
+    raise_problems(calendar_problems(known, calendar.reset_index(drop=True), "Store", "Date", EVENTS),
+                   str(p), label)
 
 
 def read_store(path: PathLike, nrows: int | None = None) -> pd.DataFrame:
