@@ -45,7 +45,7 @@ def _dates(frame: pd.DataFrame, column: str = "Date") -> dict[str, Any]:
 
 def rossmann_datasets(cfg: RossmannConfig, data: PreparedData) -> list[DataInput]:
     sources = [cfg.train, cfg.store, *([cfg.external_dir] if cfg.external_dir else []),
-               *([cfg.calendar] if getattr(cfg, "calendar", None) else [])]
+               *([cfg.calendar] if cfg.calendar else [])]
     cols = [c for c in dict.fromkeys([*data.cats, *data.conts, "Sales"]) if c in data.train_rows.columns]
     out = []
     for name, context, rows, selection in (
