@@ -12,6 +12,8 @@ in headless Chromium (Debian's package: `apt-get install -y chromium`), and save
     run_artifacts.png      the run's artifacts with the partial-dependence plot open
     run_error_breakdown.png  the same with the error breakdown open
     model_version.png      the champion's model version page with its description
+    model_version_refused.png  a ratings version that was not promoted (when the store has one:
+                           e.g. a second `tabrec train ratings ... --register ratings` that is worse)
 
 Chromium is driven over the DevTools protocol on a pipe, to set the UI's preferences first
 (model-training view, no assistant panel) and click "Show more" on the run description.
@@ -51,6 +53,10 @@ MAX_BYTES = 300_000
 # view, and keep the assistant panel from opening itself over a third of the page.
 UI_PREFERENCES = {"mlflow.workflowType_v1": "machine_learning", "mlflow.assistant.panelOpen_v1": False,
                   "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": True}
+# Plotly's mode bar (zoom, pan, ...) shows over the top of every metric chart in a still picture.
+HIDE_HOVER_TOOLS = ("(() => { const s = document.createElement('style'); "
+                    "s.textContent = '.modebar-container, .modebar { display: none !important; }'; "
+                    "document.head.appendChild(s); return true; })()")
 
 
 def free_port() -> int:
@@ -210,16 +216,31 @@ def pages(store: Path) -> dict[str, Shot]:
     run = f"#/experiments/{e}/runs/{run_id}"
     return {
         "experiments.png": Shot("#/experiments", (1400, 560), "rossmann"),
-        "experiment_runs.png": Shot(f"#/experiments/{e}/runs", (1600, 720), run_name),
-        "run_overview.png": Shot(run, (1400, 1900), "Description", ("Show more",)),
+        "experiment_runs.png": Shot(f"#/experiments/{e}/runs", (1600, 420), run_name),
+        "run_overview.png": Shot(run, (1400, 1500), "Description", ("Show more",)),
         "run_dataset.png": Shot(run, (1400, 1000), "Description", (f"{train.name} ({train.digest})",)),
         "run_metrics.png": Shot(f"{run}/model-metrics", (1400, 1200), "epoch"),
-        "run_artifacts.png": Shot(f"{run}/artifacts/plots/partial_dependence.png", (1600, 1150),
+        "run_artifacts.png": Shot(f"{run}/artifacts/plots/partial_dependence.png", (1600, 1420),
                                   "partial_dependence.png"),
-        "run_error_breakdown.png": Shot(f"{run}/artifacts/plots/error_breakdown.png", (1600, 1150),
+        "run_error_breakdown.png": Shot(f"{run}/artifacts/plots/error_breakdown.png", (1600, 860),
                                         "error_breakdown.png"),
         "model_version.png": Shot(f"#/models/rossmann/versions/{champion.version}", (1400, 900), "Promoted"),
+        **refused_version(client),
     }
+
+
+def refused_version(client: Any) -> dict[str, Shot]:
+    """The newest ratings version that did not take the alias, if the store has one."""
+    try:
+        versions = client.search_model_versions("name = 'ratings'")
+    except Exception:  # noqa: BLE001 - no ratings model: nothing to show
+        return {}
+    refused = [v for v in versions if (v.tags or {}).get("tabrec.promoted") == "false"]
+    if not refused:
+        return {}
+    v = max(refused, key=lambda v: int(v.version))
+    return {"model_version_refused.png": Shot(f"#/models/ratings/versions/{v.version}", (1400, 640),
+                                              "Not promoted")}
 
 
 def take(browser: Browser, origin: str, shots: dict[str, Shot], out: Path, settle_s: float) -> None:
@@ -231,6 +252,7 @@ def take(browser: Browser, origin: str, shots: dict[str, Shot], out: Path, settl
         browser.goto(f"{origin}/{shot.route}", shot.size)
         browser.wait_for_text(shot.wait_for)
         time.sleep(settle_s)  # charts and images finish drawing
+        browser.js(HIDE_HOVER_TOOLS)
         for text in shot.clicks:
             browser.click_text(text)
             time.sleep(1.0)

@@ -167,14 +167,15 @@ def error_breakdown(table: Any, metric: str, overall: float, path: Path, title: 
         part = table[table["segment"] == seg]
         y = np.arange(len(part))
         values = part[metric].to_numpy()
-        colors = np.where(values > overall, "C3", "C0")
+        colors = np.where(values > overall * (1 + 1e-9), "C3", "C0")  # a one-value segment equals overall
         ax.barh(y, values, color=colors)
         ax.set_yticks(y)
         ax.set_yticklabels([_short(v, 18) for v in part["value"]], fontsize=9)
         ax.invert_yaxis()
         ax.axvline(overall, color="k", ls="--", lw=1)
         for yi, (v, n) in enumerate(zip(values, part["rows"], strict=True)):
-            ax.text(v, yi, f" {int(n):,}", va="center", fontsize=8)
+            ax.text(v, yi, f" {int(n):,}", va="center", fontsize=8,
+                    bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1})  # over the dashed line
         ax.set_title(f"{metric} by {seg}")
         ax.set_xlabel(f"{metric} (bar label: rows)")
         ax.set_xlim(0, float(np.nanmax(values)) * 1.25 if np.isfinite(values).any() else 1)
@@ -209,7 +210,7 @@ def worst_groups(table: Any, key: str, metric: str, overall: float, path: Path, 
     ax.set_xlim(0, float(table[metric].max()) * 1.45)
     ax.set_xlabel(f"{metric} (orange: over-predicted on average, blue: under-predicted)")
     ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(title)
+    ax.set_title(title + (f"\nlabels: {key} ({', '.join(describe)})" if describe else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

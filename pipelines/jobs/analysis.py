@@ -93,7 +93,7 @@ def rossmann_analysis(data: PreparedData, fit: Fitted, checks: Checks, seed: int
     predict = inspection.module_predictor(fit.model, transform=np.exp)
     rows = inspection.sample_rows(len(x_cat), PDP_ROWS, seed)
     pds = [inspection.partial_dependence(predict, x_cat, x_cont,
-                                         inspection.feature_grid(data.processor, f, x_cat, x_cont), rows)
+                                         _day_names(inspection.feature_grid(data.processor, f, x_cat, x_cont)), rows)
            for f in features]
     plots = [
         reports.partial_dependence(pds, tmp / "partial_dependence.png",
@@ -110,6 +110,17 @@ def rossmann_analysis(data: PreparedData, fit: Fitted, checks: Checks, seed: int
         highlights=["plots/pred_vs_actual.png", "plots/error_breakdown.png", "plots/partial_dependence.png"],
         findings=_findings(table, "rmspe", overall) + _worst_line(worst, "Store", "rmspe"),
     )
+
+
+def _day_names(grid: inspection.FeatureGrid) -> inspection.FeatureGrid:
+    """Day-of-week codes as day names on the plot's axis ('0' -> '1 Mon' for the pipeline's
+    Monday = 0, '1' -> '1 Mon' for Kaggle's Monday = 1)."""
+    first = {"Dayofweek": 0, "DayOfWeek": 1}.get(grid.name)
+    if first is None:
+        return grid
+    grid.labels = [str(DAY_NAMES[(int(lbl) - first) % 7]) if lbl.lstrip("-").isdigit() else lbl
+                   for lbl in grid.labels]
+    return grid
 
 
 def _pd_table(pds: list[inspection.PartialDependence]) -> pd.DataFrame:
@@ -166,7 +177,7 @@ def ratings_segments(data: RatingsData) -> pd.DataFrame:
         "user activity": inspection.activity_bins(u_cnt[data.vu]),
         "item activity": inspection.activity_bins(i_cnt[data.vi]),
         "known ids": np.select([(data.vu > 0) & (data.vi > 0), data.vi > 0, data.vu > 0],
-                               ["user and item known", "new user", "new item"], "new user and item"),
+                               ["both known", "new user", "new item"], "both new"),
         "rating": pd.Categorical(data.vr, categories=levels, ordered=True).rename_categories(
             [f"{v:g}" for v in levels]),
     })
