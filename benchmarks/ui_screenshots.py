@@ -156,6 +156,14 @@ class Browser:
             time.sleep(0.5)
         raise TimeoutError(f"page never showed {text!r}")
 
+    def wait_for_js(self, condition: str, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.js(condition):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"page never met {condition!r}")
+
     def click_text(self, text: str) -> bool:
         """Click the innermost visible element whose own text is `text` (a button, a tree node)."""
         return bool(self.js(f"""(() => {{
@@ -197,6 +205,7 @@ class Shot:
     size: tuple[int, int]  # window width, height
     wait_for: str  # text the page shows once it has loaded
     clicks: tuple[str, ...] = ()  # texts to click before the picture (e.g. "Show more")
+    charts: int = 0  # Plotly charts that must have drawn (the metric charts load one by one)
 
 
 def pages(store: Path) -> dict[str, Shot]:
@@ -219,7 +228,7 @@ def pages(store: Path) -> dict[str, Shot]:
         "experiment_runs.png": Shot(f"#/experiments/{e}/runs", (1600, 420), run_name),
         "run_overview.png": Shot(run, (1400, 1500), "Description", ("Show more",)),
         "run_dataset.png": Shot(run, (1400, 1000), "Description", (f"{train.name} ({train.digest})",)),
-        "run_metrics.png": Shot(f"{run}/model-metrics", (1400, 1200), "epoch"),
+        "run_metrics.png": Shot(f"{run}/model-metrics", (1400, 1200), "epoch", charts=5),
         "run_artifacts.png": Shot(f"{run}/artifacts/plots/partial_dependence.png", (1600, 1420),
                                   "partial_dependence.png"),
         "run_error_breakdown.png": Shot(f"{run}/artifacts/plots/error_breakdown.png", (1600, 860),
@@ -239,7 +248,7 @@ def refused_version(client: Any) -> dict[str, Shot]:
     if not refused:
         return {}
     v = max(refused, key=lambda v: int(v.version))
-    return {"model_version_refused.png": Shot(f"#/models/ratings/versions/{v.version}", (1400, 640),
+    return {"model_version_refused.png": Shot(f"#/models/ratings/versions/{v.version}", (1400, 800),
                                               "Not promoted")}
 
 
@@ -251,6 +260,8 @@ def take(browser: Browser, origin: str, shots: dict[str, Shot], out: Path, settl
     for name, shot in shots.items():
         browser.goto(f"{origin}/{shot.route}", shot.size)
         browser.wait_for_text(shot.wait_for)
+        if shot.charts:
+            browser.wait_for_js(f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {shot.charts}")
         time.sleep(settle_s)  # charts and images finish drawing
         browser.js(HIDE_HOVER_TOOLS)
         for text in shot.clicks:
