@@ -318,3 +318,15 @@ def test_decision_and_headline_wording():
     assert "[`plots/a.png`](#/x/plots/a.png)" in text and "Registered as **m version 4**" in text
     pending = run_description(Headline("valid_rmse", 0.2, register="m"), [], [], pending=True)
     assert "follows when the run has ended" in pending and "no champion of m yet" in pending
+
+
+def test_day_of_week_reads_as_day_names_on_the_partial_dependence_axis():
+    from modeling.inspection import FeatureGrid
+    from pipelines.jobs.analysis import _day_names
+
+    pipeline = _day_names(FeatureGrid("Dayofweek", "cat", 0, np.arange(4), ["#na#", "0", "5", "6"]))
+    assert pipeline.labels == ["#na#", "1 Mon", "6 Sat", "7 Sun"]  # the pipeline's Monday = 0
+    kaggle = _day_names(FeatureGrid("DayOfWeek", "cat", 0, np.arange(2), ["1", "7"]))
+    assert kaggle.labels == ["1 Mon", "7 Sun"]  # Kaggle's Monday = 1
+    other = FeatureGrid("Promo", "cat", 0, np.arange(2), ["0", "1"])
+    assert _day_names(other).labels == ["0", "1"]
