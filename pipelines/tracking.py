@@ -1,12 +1,17 @@
-"""MLflow glue: run lifecycle, parameter/metric/plot logging, the bundle as a pyfunc, registry,
-and what batch runs add (a fast reachability check, ending the runs of a killed batch process).
+"""MLflow glue: run lifecycle, parameter/metric/plot logging, datasets, the run's description,
+the bundle as a pyfunc, registry, and what batch runs add (a fast reachability check, ending the
+runs of a killed batch process).
 
-A run that raises ends FAILED with the error as a tag; nothing is registered from it.
+A run that raises ends FAILED with the error as a tag; nothing is registered from it. Every
+experiment is tagged for the UI's model-training view. Metric names: per-epoch history is
+`epoch/<name>` with step = epoch, final results keep plain names (`valid_rmspe`), timings are
+`time/<name>`, and the learning rate used is a param, not a metric (see `mlflow_metric_names`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -18,15 +23,23 @@ from typing import Any
 from urllib.parse import urlparse
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.data.dataset import Dataset
+from mlflow.types import ColSpec, Schema
 
 from modeling.errors import DataError
 from modeling.training.callbacks import Callback
+from pipelines.datasets import DataInput, describe_source
+from pipelines.run_notes import Champion, Decision, Headline, version_description
 
 log = logging.getLogger("tabrec.tracking")
 
 CHAMPION = "champion"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the UI's model-training view (not the GenAI one)
+NOTE_TAG = "mlflow.note.content"  # the run description the UI shows and edits
 PYFUNC_FILE = Path(__file__).resolve().parent.parent / "modeling" / "pyfunc_model.py"
 MODELING_DIR = PYFUNC_FILE.parent
 MAX_PARAM_LEN = 6000
@@ -44,11 +57,14 @@ def setup_tracking() -> str:
 
 
 def _ensure_experiment(name: str) -> str:
+    """The experiment's id, created (or restored) and tagged for the UI's model-training view."""
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if mlflow.get_tracking_uri().startswith("sqlite:") and not os.environ.get("MLFLOW_ARTIFACT_ROOT"):
@@ -56,12 +72,16 @@ def _ensure_experiment(name: str) -> str:
         location = (db_path.parent / "mlartifacts").resolve().as_uri()
     elif os.environ.get("MLFLOW_ARTIFACT_ROOT"):
         location = os.environ["MLFLOW_ARTIFACT_ROOT"]
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location,
+                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 @contextmanager
 def tracked_run(experiment: str, run_name: str | None = None, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
-    """Start a run; end it FINISHED, or FAILED (KILLED on Ctrl-C) with the error as a tag."""
+    """Start a run; end it FINISHED, or FAILED (KILLED on Ctrl-C) with the error as a tag.
+
+    An unreachable tracking server fails here, in seconds, before any run exists."""
+    check_tracking_reachable()
     setup_tracking()
     exp_id = _ensure_experiment(experiment)
     run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=dict(tags or {}))
@@ -95,12 +115,40 @@ def log_params(params: Mapping[str, Any]) -> None:
 
 
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
-    clean = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+    clean = {k: float(v) for k, v in metrics.items() if is_number(v)}
     if clean:
         mlflow.log_metrics(clean, step=step)
 
 
-def _is_number(v: Any) -> bool:
+# keys of a job's final metrics that are settings or timings, not results
+LR_KEYS = {"lr": "lr_used"}
+
+
+def mlflow_metric_names(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics, params) as the run logs a job's final figures: results keep their names, timings
+    go under `time/`, and the learning rate used becomes the param `lr_used` (the `train --json`
+    keys stay as they are; only the run's names change)."""
+    out: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if k in LR_KEYS:
+            params[LR_KEYS[k]] = v
+        elif k.endswith("seconds") or k.startswith("seconds_"):
+            out[f"time/{k}"] = v
+        else:
+            out[k] = v
+    return out, params
+
+
+def log_final_metrics(metrics: Mapping[str, Any]) -> None:
+    """A job's final figures, named for the metrics table (see `mlflow_metric_names`)."""
+    named, params = mlflow_metric_names(metrics)
+    log_metrics(named)
+    if params:
+        log_params(params)
+
+
+def is_number(v: Any) -> bool:
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -108,11 +156,22 @@ def _is_number(v: Any) -> bool:
     return f == f and f not in (float("inf"), float("-inf"))
 
 
+EPOCH_PREFIX = "epoch/"
+_EPOCH_PLAIN = ("train_loss", "valid_loss", "lr", "seconds")
+
+
+def epoch_metric_name(key: str) -> str:
+    """The history name of a trainer log key: `epoch/train_loss`, `epoch/lr`, and the validation
+    metrics as `epoch/valid_<name>` (the trainer computes them on the validation set)."""
+    return EPOCH_PREFIX + (key if key in _EPOCH_PLAIN or key.startswith("valid_") else f"valid_{key}")
+
+
 class MLflowEpochLogger(Callback):
-    """Per-epoch train/valid loss, metrics and lr as MLflow metrics with step = epoch."""
+    """Per-epoch train/valid loss, validation metrics, lr and seconds as `epoch/...` metrics with
+    step = epoch, so the history never sits beside (or shadows) a final figure of the same name."""
 
     def on_epoch_end(self, trainer: Any, epoch: int, logs: dict[str, Any]) -> None:
-        log_metrics({k: v for k, v in logs.items() if k != "epoch"}, step=epoch)
+        log_metrics({epoch_metric_name(k): v for k, v in logs.items() if k != "epoch"}, step=epoch)
 
 
 def log_plot(path: str | Path | None) -> None:
@@ -124,14 +183,90 @@ def log_json(obj: Any, name: str) -> None:
     mlflow.log_dict(obj, name)
 
 
+def log_table(frame: pd.DataFrame, name: str) -> None:
+    """A table artifact (CSV: the UI's artifact viewer shows it as a table)."""
+    mlflow.log_text(frame.to_csv(index=False), name)
+
+
+def set_description(text: str, run_id: str | None = None) -> None:
+    """The run's Markdown description (the `mlflow.note.content` tag; a finished run may get it too)."""
+    if run_id is None:
+        mlflow.set_tag(NOTE_TAG, text)
+    else:
+        MlflowClient().set_tag(run_id, NOTE_TAG, text)
+
+
 def file_fingerprint(paths: Sequence[str | Path]) -> str:
-    """SHA-256 over the bytes of the input files, to tie a run to its exact data."""
+    """SHA-256 over the bytes of the input files, to tie a run to its exact data.
+
+    A path that is not a regular file (a pipe, a directory of parts) is never opened: what is
+    known of it (`describe_source`'s digest) goes into the hash instead of its bytes."""
     h = hashlib.sha256()
     for p in paths:
+        if not Path(p).is_file():
+            h.update(describe_source(p).sha256.encode())
+            continue
         with open(p, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------- datasets
+
+
+class _DescribedDataset(Dataset):
+    """An MLflow dataset from a `DataInput`: source path, digest, schema and profile, no rows."""
+
+    def __init__(self, source: Any, name: str, digest: str, schema: Schema | None, profile: dict[str, Any]):
+        self._schema = schema
+        self._profile = profile
+        super().__init__(source=source, name=name, digest=digest)
+
+    def _compute_digest(self) -> str:  # the digest is always given
+        return self._digest
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        return self._profile
+
+    @property
+    def schema(self) -> Schema | None:
+        return self._schema
+
+    def to_dict(self) -> dict[str, str]:
+        d = super().to_dict()
+        d["profile"] = json.dumps(self._profile, default=_json_default)
+        if self._schema is not None:
+            d["schema"] = json.dumps({"mlflow_colspec": self._schema.to_dict()})
+        return d
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    return str(x)
+
+
+def log_datasets(inputs: Sequence[DataInput]) -> list[dict[str, Any]]:
+    """`mlflow.log_inputs` for the run's datasets (context as MLflow's input tag); returns what
+    was logged (name, context, digest, profile), which the run description reads."""
+    from mlflow.data.dataset_source_registry import get_registered_sources
+
+    # MLflow's source for local paths (resolving a path finds two registered candidates and warns)
+    local = next(s for s in get_registered_sources() if s._get_source_type() == "local")
+    described, datasets = [], []
+    for inp in inputs:
+        d = inp.describe()
+        schema = Schema([ColSpec(t, n) for n, t in inp.columns.items()]) if inp.columns else None
+        source = local(str(Path(inp.sources[0]).absolute()))
+        datasets.append(_DescribedDataset(source, d["name"], d["digest"], schema, d["profile"]))
+        described.append(d)
+    if datasets:
+        mlflow.log_inputs(datasets=datasets, contexts=[d["context"] for d in described],
+                          tags_list=[{"tabrec.note": d["profile"]["note"]} if "note" in d["profile"] else None
+                                     for d in described])
+    return described
 
 
 def git_commit() -> str | None:
@@ -174,6 +309,62 @@ def log_bundle(bundle_dir: Path, input_example: pd.DataFrame, predictions: Any) 
     return f"runs:/{mlflow.active_run().info.run_id}/model", info.model_uri
 
 
+def current_champion(name: str, metric: str) -> Champion | None:
+    """The version holding alias `champion` of registered model `name`, with its run's `metric`."""
+    client = MlflowClient()
+    try:
+        champ = client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None
+    value = None
+    if champ.run_id:
+        try:
+            value = client.get_run(champ.run_id).data.metrics.get(metric)
+        except mlflow.exceptions.MlflowException:
+            value = None
+    return Champion(name, str(champ.version), value, champ.run_id)
+
+
+UI_VIEW = "workflowType=machine_learning"  # MLflow 3.17's UI picks GenAI or model-training view from this
+
+
+def run_link(run_id: str, experiment_id: str | None = None, subpath: str = "") -> str:
+    """The run's page (or `subpath` under it, e.g. `/artifacts/plots/x.png`) in the UI's
+    model-training view: absolute for an http(s) tracking server, else the UI's relative route."""
+    if experiment_id is None:
+        experiment_id = MlflowClient().get_run(run_id).info.experiment_id
+    route = f"#/experiments/{experiment_id}/runs/{run_id}{subpath}?{UI_VIEW}"
+    uri = tracking_uri()
+    return f"{uri.rstrip('/')}/{route}" if urlparse(uri).scheme in ("http", "https") else route
+
+
+def register_version(model_uri: str, name: str, headline: Headline, force: bool = False,
+                     run_id: str | None = None) -> Decision:
+    """Register a finished run's model; move alias `champion` only if it beats the current one
+    (or with `force`); write the decision, the comparison and the run link into the version's
+    description and tags."""
+    client = MlflowClient()
+    champ = current_champion(name, headline.metric)
+    mv = mlflow.register_model(model_uri, name)
+    value = headline.value
+    better = champ is None or champ.value is None or (
+        value < champ.value if headline.lower_is_better else value > champ.value)
+    decision = Decision(name, str(mv.version), headline.metric, value, champ, better, force,
+                        headline.lower_is_better)
+    if decision.promoted:
+        client.set_registered_model_alias(name, CHAMPION, mv.version)
+    else:
+        log.warning("%s version %s: %s", name, mv.version, decision.sentence().replace("**", ""))
+    rid = run_id or mv.run_id
+    if rid:
+        run_name = client.get_run(rid).info.run_name
+        text = version_description(decision, headline, run_link(rid), run_name)
+        client.update_model_version(name, mv.version, description=text)
+    for key, val in decision.tags().items():
+        client.set_model_version_tag(name, mv.version, key, val)
+    return decision
+
+
 def register_and_promote(
     model_uri: str,
     name: str,
@@ -182,32 +373,9 @@ def register_and_promote(
     lower_is_better: bool = True,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Register a finished run's model; move alias `champion` only if it beats the current one."""
-    client = MlflowClient()
-    mv = mlflow.register_model(model_uri, name)
-    current = None
-    try:
-        champ = client.get_model_version_by_alias(name, CHAMPION)
-        champ_run = client.get_run(champ.run_id)
-        current = champ_run.data.metrics.get(metric)
-    except mlflow.exceptions.MlflowException:
-        champ = None
-    better = current is None or (value < current if lower_is_better else value > current)
-    promoted = bool(force or better)
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, mv.version)
-    else:
-        log.warning(
-            "%s version %s (%s=%.5f) does not beat champion version %s (%.5f): alias unchanged",
-            name, mv.version, metric, value, champ.version if champ else "?", current,
-        )
-    return {
-        "name": name,
-        "version": str(mv.version),
-        "alias": CHAMPION if promoted else None,
-        "champion_metric": current,
-        "metric": metric,
-    }
+    """`register_version` without baselines; the CLI's `registered` dict."""
+    return register_version(model_uri, name, Headline(metric, value, lower_is_better=lower_is_better),
+                            force=force).result()
 
 
 # ---------------------------------------------------------------- batch runs

@@ -301,7 +301,7 @@ def test_cli_ratings_two_processes_match_one(ratings_data, tmp_path, monkeypatch
     assert run.data.params["world_size"] == "2"
     client = _client(tmp_path / "two.db")
     assert len(client.search_model_versions("name = 'ddp'")) == 1
-    assert len(client.get_metric_history(run.info.run_id, "valid_loss")) == 3
+    assert len(client.get_metric_history(run.info.run_id, "epoch/valid_loss")) == 3
 
     import mlflow
     import pandas as pd

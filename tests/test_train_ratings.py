@@ -52,7 +52,7 @@ def test_dot_model_run_is_tracked_registered_and_servable(ratings_files, mlflow_
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["model"] == "dot"
-    assert len(client.get_metric_history(result["run_id"], "valid_loss")) == 5
+    assert len(client.get_metric_history(result["run_id"], "epoch/valid_loss")) == 5
     artifacts = {a.path for a in client.list_artifacts(result["run_id"], "plots")}
     assert {"plots/learning_curves.png", "plots/item_bias.png", "plots/item_embeddings.png"} <= artifacts
 

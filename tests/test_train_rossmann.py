@@ -37,7 +37,7 @@ def test_run_logs_contract_metrics_plots_and_registers(use_model_store):
     plots = {a.path for a in client.list_artifacts(result["run_id"], "plots")}
     assert {"plots/learning_curves.png", "plots/rf_importance.png", "plots/adversarial_validation.png",
             "plots/pred_vs_actual.png", "plots/embedding_store.png", "plots/rf_confidence.png"} <= plots
-    assert len(client.get_metric_history(result["run_id"], "valid_loss")) == 2
+    assert len(client.get_metric_history(result["run_id"], "epoch/valid_loss")) == 2
 
 
 def test_predictor_takes_raw_test_rows(use_model_store):

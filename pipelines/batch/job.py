@@ -65,6 +65,21 @@ def log_run(run: Any, params: Mapping[str, Any] | None = None, metrics: Mapping[
         tracking.log_json(obj, name)
 
 
+def log_input(run: Any, path: Path, rows: int, columns: Any, *, n_files: int = 1, context: str = "scoring",
+              profile: Mapping[str, Any] | None = None) -> None:
+    """The job's input as the run's dataset (`mlflow.log_input`): the --input file or directory,
+    its row count and columns (a pyarrow schema or name -> MLflow type); a directory of parts or a
+    pipe is described with a note instead of a content hash. Nothing without a run."""
+    if run is None:
+        return
+    from pipelines import tracking
+    from pipelines.datasets import DataInput, arrow_columns
+
+    cols = dict(columns) if isinstance(columns, Mapping) else arrow_columns(columns)
+    prof = {"n_files": n_files, **(profile or {})}
+    tracking.log_datasets([DataInput(path.name or str(path), context, [str(path)], rows, cols, profile=prof)])
+
+
 def run_id(run: Any) -> str | None:
     return run.info.run_id if run is not None else None
 

@@ -24,7 +24,7 @@ from modeling.predictors import RatingsPredictor, load_predictor
 from modeling.schema import canonical_strings
 from modeling.uri import ModelUri
 from pipelines.batch.inputs import csv_options, file_format, reading
-from pipelines.batch.job import batch_job, log_run, progress, run_id, source_info
+from pipelines.batch.job import batch_job, log_input, log_run, progress, run_id, source_info
 from pipelines.batch.outputs import AtomicTableWriter, atomic_outputs, output_path, publish
 
 log = logging.getLogger("tabrec.score")
@@ -129,6 +129,8 @@ def _recommend(model: str, uri: ModelUri, out: Path, users_path: str | Path | No
     log_run(run, params={"model_uri": model, "model_name": source["name"], "model_version": source["version"],
                          "model_run_id": source["run_id"], "users": str(users_path or "all"), "k": k,
                          "exclude_seen": exclude_seen, "output": str(out), "users_per_chunk": per_chunk})
+    if users_path is not None:  # without --users the input is the model's own users (see the params)
+        log_input(run, Path(users_path), len(ids), {"user": "string"}, profile={"n_users": len(ids)})
     writer = AtomicTableWriter(out, REC_SCHEMA)
     with atomic_outputs([writer]), progress(len(ids), quiet, "user") as bar:
         n_cold = 0

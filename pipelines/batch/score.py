@@ -33,7 +33,7 @@ from modeling.schema import RecordsError
 from modeling.uri import ModelUri
 from pipelines.batch.drift import drift_gate, drift_sampler
 from pipelines.batch.inputs import ROW, InputSet, count_rows, open_inputs, read_batches
-from pipelines.batch.job import batch_job, log_run, progress, run_id, source_info
+from pipelines.batch.job import batch_job, log_input, log_run, progress, run_id, source_info
 from pipelines.batch.outputs import (
     AtomicTableWriter,
     atomic_outputs,
@@ -266,6 +266,7 @@ def _score(model: str, uri: ModelUri, in_path: Path, out: Path, sub: Path | None
                          "batch_rows": batch_rows, "chunk_mode": plan.mode, "max_drift_auc": max_drift_auc,
                          "fail_on_drift": fail_on_drift, "uncertainty": uncertainty,
                          "calendar": str(calendar) if calendar is not None else None})
+    log_input(run, in_path, plan.total_rows, inputs.schema, n_files=len(inputs.files))
     sampler = drift_sampler(predictor, plan.total_rows, drift_rows)
     sink = sampler.add if sampler is not None and sampler.active else None
     writers = [AtomicTableWriter(out, schemas[0])]

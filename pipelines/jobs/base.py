@@ -3,18 +3,23 @@
 `run_job(job)` is a template method. It owns the stages every training shares, in this order:
 
 1. validate the config, `job.prepare()` the data (before any run exists: bad input leaves no run);
-2. open the MLflow run (tags: pipeline, data fingerprint, git commit) and log every config value
-   plus `job.params()` as params;
+2. open the MLflow run (tags: pipeline, data fingerprint, git commit), log every config value
+   plus `job.params()` as params and `job.datasets()` as the run's inputs (train, valid);
 3. `torch.manual_seed(seed)`, then `job.build_model()`;
 4. with `--lr auto`, the lr finder on `job.finder_model(model)` (a deepcopy is trained, the
    model itself is untouched); rank 0 runs it and broadcasts the value;
-5. `Trainer.fit` with `job.epoch_metrics`, the per-epoch MLflow logger and `job.callbacks()`;
+5. `Trainer.fit` with `job.epoch_metrics`, the per-epoch MLflow logger (`epoch/...` history)
+   and `job.callbacks()`;
 6. `job.evaluate(fit)` (the model's metrics), `job.checks(fit)` (forest checks: metrics, a JSON
-   report, plots), log them; learning curves and `job.plots(fit)`;
+   report, plots), log them; learning curves, `job.plots(fit)` and `job.analysis(fit, checks, metrics)`
+   (the analyst's plots and tables: partial dependence, error breakdowns);
 7. `job.bundle(...)`: the typed spec, networks, extras and features; save and log the bundle;
+   the run's description (headline metric against `job.baselines` and the current champion,
+   the data, the plots to open first);
 8. registration on `job.target_metric` (alias `champion` only when better, or `--force`),
-   after the run has ended; the result dict the CLI prints with `--json` (with the effective
-   config under "config").
+   after the run has ended, with the decision written into the model version's description
+   and, on the finished run, into its description; the result dict the CLI prints with
+   `--json` (with the effective config under "config").
 
 Under torchrun every rank prepares the same data and trains on its shard (DDP); only rank 0
 tracks the run, runs the lr finder and the checks, and saves and registers the model; the
@@ -50,7 +55,8 @@ from modeling.training import (
     distributed,
     lr_find,
 )
-from pipelines import reports, tracking
+from pipelines import reports, run_notes, tracking
+from pipelines.datasets import DataInput
 from pipelines.jobs.config import TrainingOptions
 
 log = logging.getLogger("tabrec.train")
@@ -86,6 +92,18 @@ class Checks:
 
 
 @dataclass
+class Analysis:
+    """The analyst's view of a trained model: plots, tables (logged as CSV under `analysis/`),
+    the artifact paths worth opening first, and a few lines on where the model is wrong (both
+    go into the run's description)."""
+
+    plots: list[Path | None] = field(default_factory=list)
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    highlights: list[str] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)
+
+
+@dataclass
 class BundleParts:
     """What `save_bundle` and `tracking.log_bundle` take: the spec, its networks and tensors, and
     a few raw input rows with the model's answers (the pyfunc signature and input example)."""
@@ -111,6 +129,7 @@ class TrainingJob(ABC, Generic[ConfigT, DataT]):
     pipeline: ClassVar[str]  # "rossmann" | "ratings": the run's tag and the temp dir's prefix
     target_metric: ClassVar[str]  # the validation metric registration compares (lower is better)
     curve_metric: ClassVar[str]  # the per-epoch metric drawn beside the losses
+    baselines: ClassVar[dict[str, str]] = {}  # final metric -> label: what the run description compares with
 
     def __init__(self, cfg: ConfigT) -> None:
         self.cfg = cfg
@@ -155,6 +174,14 @@ class TrainingJob(ABC, Generic[ConfigT, DataT]):
         """The domain's plots (the lr finder's and the learning curves come from the skeleton)."""
         return []
 
+    def datasets(self) -> list[DataInput]:
+        """The run's inputs (`mlflow.log_input`): train and valid, with their source files."""
+        return []
+
+    def analysis(self, fit: Fitted, checks: Checks, metrics: dict[str, float]) -> Analysis:
+        """Partial dependence, error breakdowns: what an analyst opens after the metrics."""
+        return Analysis()
+
     @abstractmethod
     def bundle(self, fit: Fitted, metrics: dict[str, float], fingerprint: str, run_id: str) -> BundleParts:
         """The typed bundle spec and what goes with it."""
@@ -165,18 +192,22 @@ def run_job(job: TrainingJob[Any, Any]) -> dict[str, Any] | None:
     cfg = job.cfg
     cfg.validate()
     t_start = time.perf_counter()
+    rank0 = distributed.current().is_main
+    if rank0:
+        tracking.check_tracking_reachable()  # in seconds, before minutes of data preparation
     job.data = data = job.prepare()
     fingerprint = tracking.file_fingerprint(data.files)
     tags = {"tabrec.pipeline": job.pipeline, "data_fingerprint": fingerprint}
     if commit := tracking.git_commit():
         tags["git_commit"] = commit
-    rank0 = distributed.current().is_main
     with (tracking.tracked_run(cfg.experiment, run_name=job.run_name(), tags=tags) if rank0
           else contextlib.nullcontext()) as run, \
             tempfile.TemporaryDirectory(prefix=f"tabrec-{job.pipeline}-") as tmp_dir:
         tmp = Path(tmp_dir)
+        inputs: list[dict[str, Any]] = []
         if rank0:
             tracking.log_params({**asdict(cfg), **job.params(), "world_size": distributed.current().world_size})
+            inputs = tracking.log_datasets(job.datasets())
         torch.manual_seed(cfg.seed)
         model = job.build_model()
         lr, lr_plot = _resolve_lr(job, model, tmp, rank0)
@@ -196,26 +227,46 @@ def run_job(job: TrainingJob[Any, Any]) -> dict[str, Any] | None:
                  train_seconds)
         checks = job.checks(fit)
         metrics.update(checks.metrics)
-        tracking.log_metrics(metrics)
+        tracking.log_final_metrics(metrics)
         tracking.log_json(checks.report, "checks/forest.json")
         curves = reports.learning_curves(history, tmp / "learning_curves.png", metric=job.curve_metric)
-        for plot in [lr_plot, *checks.plots, curves, *job.plots(fit)]:
+        analysis = job.analysis(fit, checks, metrics)
+        for plot in [lr_plot, *checks.plots, curves, *job.plots(fit), *analysis.plots]:
             tracking.log_plot(plot)
+        for name, table in analysis.tables.items():
+            tracking.log_table(table, f"analysis/{name}")
         parts = job.bundle(fit, metrics, fingerprint, run.info.run_id)
         bundle_dir = save_bundle(tmp / "bundle", parts.spec, parts.networks, extras=parts.extras,
                                  features=parts.features)
         model_uri, logged_uri = tracking.log_bundle(bundle_dir, parts.example, parts.example_pred)
         run_id = run.info.run_id
+        headline = _headline(job, metrics)
+        exp_id = run.info.experiment_id
+        notes = {"inputs": inputs, "highlights": analysis.highlights or ["plots/learning_curves.png"],
+                 "findings": analysis.findings,
+                 "link": lambda path: tracking.run_link(run_id, exp_id, f"/artifacts/{path}")}
+        tracking.set_description(run_notes.run_description(headline, **notes, pending=True))
     registered = None
     if cfg.register:
-        registered = tracking.register_and_promote(logged_uri, cfg.register, job.target_metric,
-                                                   float(metrics[job.target_metric]), force=cfg.force)
+        decision = tracking.register_version(logged_uri, cfg.register, headline, force=cfg.force, run_id=run_id)
+        registered = decision.result()
+        tracking.set_description(run_notes.run_description(headline, **notes, decision=decision), run_id=run_id)
     return {
         "run_id": run_id, "model_uri": model_uri, "registered": registered,
         "train_seconds": round(train_seconds, 3), "total_seconds": round(time.perf_counter() - t_start, 3),
         "metrics": {k: float(v) for k, v in metrics.items()},
         "config": asdict(cfg),
     }
+
+
+def _headline(job: TrainingJob[Any, Any], metrics: dict[str, float]) -> run_notes.Headline:
+    """The target metric, the run's baselines beside it, and the champion it would have to beat."""
+    cfg = job.cfg
+    baselines = [(label, key, float(metrics[key])) for key, label in job.baselines.items()
+                 if key in metrics and tracking.is_number(metrics[key])]
+    champion = tracking.current_champion(cfg.register, job.target_metric) if cfg.register else None
+    return run_notes.Headline(job.target_metric, float(metrics[job.target_metric]), baselines,
+                              champion=champion, register=cfg.register)
 
 
 def _resolve_lr(job: TrainingJob[Any, Any], model: nn.Module, tmp: Path, rank0: bool) -> tuple[float, Path | None]:
@@ -229,7 +280,7 @@ def _resolve_lr(job: TrainingJob[Any, Any], model: nn.Module, tmp: Path, rank0: 
     if finder is None:
         return lr, None
     plot = finder.plot(tmp / "lr_finder.png")
-    tracking.log_metrics({"lr_suggested": lr})
+    tracking.log_params({"lr_suggested": lr})
     log.info("lr finder suggests %.3g (%s)", lr, finder.method)
     return lr, plot
 

@@ -43,6 +43,7 @@ from modeling.schema import InputField, InputSchema
 from modeling.training import LRFinderResult, TensorData
 from pipelines import reports
 from pipelines.ingest.ratings import rating_scale, read_items, read_ratings
+from pipelines.jobs import analysis as views
 from pipelines.jobs.base import BundleParts, Checks, Fitted, TrainingJob, run_job, seeded_lr_find
 from pipelines.jobs.config import MODEL_DEFAULTS, MODELS, SPLITS, RatingsConfig
 
@@ -92,9 +93,19 @@ class RatingsJob(TrainingJob[RatingsConfig, RatingsData]):
     pipeline = "ratings"
     target_metric = "valid_rmse"
     curve_metric = "rmse"
+    baselines = {"baseline_rmse": "bias baseline (global mean + user and item biases)",
+                 "rf_valid_rmse": "random forest on activity features", "global_mean_rmse": "global mean"}
 
     def prepare(self) -> RatingsData:
         return prepare(self.cfg)
+
+    def datasets(self) -> list[views.DataInput]:
+        return views.ratings_datasets(self.cfg, self.data)
+
+    def analysis(self, fit: Fitted, checks: Checks, metrics: dict[str, float]) -> views.Analysis:
+        # ranking by user activity uses the rating model; a ranking head, once the job has one,
+        # goes in as `ranker=`
+        return views.ratings_analysis(self.data, fit, metrics, self.cfg.seed)
 
     def run_name(self) -> str:
         return f"ratings-{self.cfg.model}"

@@ -58,6 +58,7 @@ from pipelines.ingest.rossmann import (
     read_store,
     read_train,
 )
+from pipelines.jobs import analysis as views
 from pipelines.jobs.base import BundleParts, Checks, Fitted, TrainingJob, run_job, seeded_lr_find
 from pipelines.jobs.config import RossmannConfig
 
@@ -94,9 +95,17 @@ class RossmannJob(TrainingJob[RossmannConfig, PreparedData]):
     pipeline = "rossmann"
     target_metric = "valid_rmspe"
     curve_metric = "rmspe"
+    baselines = {"rf_valid_rmspe": "random forest (same inputs)",
+                 "rf_embeddings_valid_rmspe": "random forest on the network's embeddings"}
 
     def prepare(self) -> PreparedData:
         return prepare(self.cfg)
+
+    def datasets(self) -> list[views.DataInput]:
+        return views.rossmann_datasets(self.cfg, self.data)
+
+    def analysis(self, fit: Fitted, checks: Checks, metrics: dict[str, float]) -> views.Analysis:
+        return views.rossmann_analysis(self.data, fit, checks, self.cfg.seed)
 
     def run_name(self) -> str:
         return "rossmann-tabular"
