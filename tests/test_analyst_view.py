@@ -330,3 +330,22 @@ def test_day_of_week_reads_as_day_names_on_the_partial_dependence_axis():
     assert kaggle.labels == ["1 Mon", "7 Sun"]  # Kaggle's Monday = 1
     other = FeatureGrid("Promo", "cat", 0, np.arange(2), ["0", "1"])
     assert _day_names(other).labels == ["0", "1"]
+
+
+def test_a_failure_in_the_analyst_stage_ends_the_run_failed(mlflow_store, tmp_path, monkeypatch):
+    """Fault injection: the analyst's plots raise after the run has started; the run must end
+    FAILED with the error, not stay RUNNING, and nothing is registered."""
+    from pipelines.jobs import analysis
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("analyst stage broke")
+
+    monkeypatch.setattr(analysis, "ratings_analysis", broken)
+    files = write_ratings(tmp_path / "r", users=60, items=80, ratings=1500, seed=1)
+    with pytest.raises(RuntimeError, match="analyst stage broke"):
+        train_ratings(RatingsConfig(ratings=str(files["u.data"]), epochs=1, lr="1e-2", quiet=True, register="x"))
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("ratings").experiment_id])
+    assert run.info.status == "FAILED" and "analyst stage broke" in run.data.tags["error"]
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"ratings-train", "ratings-valid"}
+    assert client.search_registered_models() == []
