@@ -260,3 +260,16 @@ def test_predict_mean_averages_outputs():
     with torch.no_grad():
         want = torch.stack([m(x) for m in models]).mean(0)
     torch.testing.assert_close(predict_mean(models, (x,), batch_size=4), want)
+
+
+def test_members_spread_beside_the_prediction(runs, data):
+    from modeling.errors import DataError
+
+    pred = load_predictor(runs["snapshot"]["bundle"])
+    test = pd.read_csv(data["test.csv"], dtype={"StateHoliday": str})
+    mean, spread = pred.predict_with_member_spread(test)
+    np.testing.assert_allclose(mean, pred.predict(test), rtol=1e-5)
+    closed = pred.fixed_rows(pred.engineer(test))
+    assert (spread[closed] == 0).all() and (spread[~closed] > 0).all() and np.isfinite(spread).all()
+    with pytest.raises(DataError, match="ensemble"):
+        load_predictor(runs["no_refit"]["bundle"]).predict_with_member_spread(test)

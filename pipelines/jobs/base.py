@@ -98,6 +98,7 @@ class Fitted:
     tmp: Path  # scratch directory of the run: plots and the bundle are written here
     networks: list[nn.Module] = field(default_factory=list)  # validation run's networks (default: [model])
     refit: Trained | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # the validation run's `Trained.info`
 
     def __post_init__(self) -> None:
         if not self.networks:
@@ -246,7 +247,8 @@ def run_job(job: TrainingJob[Any, Any]) -> dict[str, Any] | None:
         if not rank0:
             return None
         fit = Fitted(trained.networks[0], trained.history, lr, trained.seconds,
-                     predict_mean(trained.networks, data.valid.xs).numpy(), tmp, networks=trained.networks, refit=refit)
+                     predict_mean(trained.networks, data.valid.xs).numpy(), tmp, networks=trained.networks, refit=refit,
+                     info=trained.info)
         metrics = job.evaluate(fit)
         if refit is not None:
             metrics["refit_seconds"] = refit.seconds

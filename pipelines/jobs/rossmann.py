@@ -166,6 +166,9 @@ class RossmannJob(TrainingJob[RossmannConfig, PreparedData]):
             preds = [predict_mean([net], self.data.valid.xs).numpy() for net in fit.networks]
             for i, p in enumerate(preds):
                 metrics[f"valid_rmspe_member_{i}"] = log_rmspe(y, p)
+            # seconds of training behind each member (snapshot: the run up to its cycle's end)
+            for i, sec in enumerate(fit.info.get("member_seconds", [])):
+                metrics[f"train_seconds_member_{i}"] = float(sec)
         return metrics
 
     def checks(self, fit: Fitted) -> Checks:
