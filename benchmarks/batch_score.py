@@ -6,7 +6,7 @@ Usage: python benchmarks/batch_score.py [--rows 2000000] [--users 100000] [--mod
 - score: rows/s of `pipelines.batch.score_file` end to end (Parquet in -> features -> model ->
   Parquet out, drift check and MLflow run included) on N synthetic Rossmann-schema rows: the
   synthetic test.csv of a store set, repeated with dates shifted forward, in Kaggle row order
-  (date-major, so stores interleave and the job must bucket by store).
+  (date-major, so stores interleave across chunks; the event calendar makes that harmless).
 - floor: rows/s of a bare forward pass of the same model over pre-built tensors of the same rows
   (same 65,536-row slices as the predictor); ratio = end-to-end seconds / floor seconds.
 - recommend: users/s of `recommend_file` writing top-10 for every user of a synthetic ratings

@@ -7,8 +7,10 @@ is read from the bundle's typed spec (`modeling.bundle`); callers never read bun
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +32,7 @@ from modeling.bundle import (
 )
 from modeling.drift import DriftSampler
 from modeling.errors import DataError
-from modeling.schema import InputSchema, canonical_strings
+from modeling.schema import InputSchema, RecordsError, canonical_strings
 from modeling.uri import ModelUri
 
 PREDICT_CHUNK = 65_536
@@ -210,8 +212,65 @@ class TabularPredictor(Predictor):
         return self.features.time_relative_columns() if self.features is not None else {}
 
     def group_columns(self) -> list[str]:
-        """Raw columns whose rows must be engineered together (e.g. Store: per-store events)."""
+        """Raw columns whose rows must be engineered together; [] for tabrec's feature steps (a
+        record's features never depend on the other records of its batch)."""
         return self.features.group_columns() if self.features is not None else []
+
+    def entity_columns(self) -> list[str]:
+        """Raw columns naming what a row belongs to (e.g. Store): the drift check narrows its
+        training sample to the ones a batch holds."""
+        return self.features.entity_columns() if self.features is not None else []
+
+    # ------------------------------------------------------------------ event calendars
+
+    @property
+    def calendar_columns(self) -> list[str]:
+        """Raw columns of the event calendar the features read ([] when none)."""
+        return self.features.calendar_columns() if self.features is not None else []
+
+    def with_calendar(self, frame: pd.DataFrame, source: str = "calendar",
+                      row_label: Callable[[int], str] | None = None) -> TabularPredictor:
+        """A predictor whose features read known future events from `frame` (raw rows with the
+        calendar columns, e.g. Kaggle's test.csv) laid over the bundle's calendar; this predictor
+        is left untouched (the new one shares its networks, processor and tables), so a server
+        can swap it in while requests run on the old one.
+
+        `frame` is validated by the bundle's input schema (types, allowed codes), then checked
+        against the calendar (duplicate rows, unknown groups, contradictions with the training
+        rows): a DataError naming `source`, the column and the rows (`row_label(position)`,
+        default "row N")."""
+        columns = self.calendar_columns
+        if not columns:
+            raise DataError(f"{source}: model {self.source.uri} reads no event calendar")
+        label = row_label or (lambda i: f"row {i + 1}")
+        fields = [replace(f, required=True) for f in self.schema.fields if f.name in columns]
+        frame = frame.reset_index(drop=True)
+        try:
+            clean = InputSchema(fields).validate(frame[[c for c in columns if c in frame.columns]],
+                                                 source=source)
+        except RecordsError as exc:
+            where = "; ".join(f"{label(e.record) if e.record >= 0 else 'header'} column {e.field!r}: {e.msg}"
+                              for e in exc.errors[:5])
+            more = f" (+{len(exc.errors) - 5} more)" if len(exc.errors) > 5 else ""
+            raise DataError(f"{source}: calendar rows rejected: {where}{more}") from None
+        assert self.features is not None
+        new = copy.copy(self)
+        new.features = self.features.with_calendar(clean, source, label)
+        new.source = replace(self.source, extra={**self.source.extra, "calendar": source})
+        return new
+
+    def with_calendar_file(self, path: str | Path) -> TabularPredictor:
+        """`with_calendar` from a CSV or Parquet file in the test.csv layout (Store, Date, Promo,
+        StateHoliday, SchoolHoliday; other columns ignored); errors name the file, the column and
+        the CSV line or Parquet row."""
+        from modeling.features.calendar import read_calendar_file
+
+        frame, label = read_calendar_file(path, self.calendar_columns)
+        return self.with_calendar(frame, source=str(path), row_label=label)
+
+    def calendar_info(self) -> list[dict[str, Any]]:
+        """Per calendar step: rows, future rows, groups, horizon range, event days."""
+        return self.features.calendar_info() if self.features is not None else []
 
     def drift_sampler(self, total_rows: int, rows: int = 5000, seed: int = 0) -> DriftSampler:
         """A `modeling.drift.DriftSampler` against the bundle's training sample; feed it with
@@ -220,7 +279,7 @@ class TabularPredictor(Predictor):
         note = None if reference is not None else \
             f"bundle has no training sample ({DRIFT_X_CAT}/{DRIFT_X_CONT}): drift check skipped"
         return DriftSampler(self.processor, reference, total_rows=total_rows, rows=rows, seed=seed,
-                            exclusions=self.drift_exclusions(), groups=self.group_columns(), note=note)
+                            exclusions=self.drift_exclusions(), groups=self.entity_columns(), note=note)
 
     def _predict(self, df: pd.DataFrame, source: str, forest: Any,
                  on_features: FeaturesSink | None) -> tuple[np.ndarray, np.ndarray | None]:

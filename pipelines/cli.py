@@ -45,6 +45,8 @@ def _layers_text(sizes: tuple[int, ...]) -> str:
 
 
 def _setup_logging(quiet: bool) -> None:
+    if quiet:  # MLflow's artifact download bar writes to stderr whatever the log level
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     level = logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("mlflow", "alembic", "urllib3", "git"):
@@ -250,6 +252,7 @@ def train_rossmann_cmd(
     external_dir: Annotated[str | None, _opt(Ross, "external_dir")] = Ross.external_dir,
     trends: Annotated[bool, _opt(Ross, "trends")] = Ross.trends,
     valid_days: Annotated[int, _opt(Ross, "valid_days", min=1)] = Ross.valid_days,
+    calendar: Annotated[str | None, _opt(Ross, "calendar")] = Ross.calendar,
     epochs: Annotated[str, _opt(Ross, "epochs")] = str(Ross.epochs),
     lr: Annotated[str, _opt(Ross, "lr")] = Ross.lr,
     batch_size: Annotated[str, _opt(Ross, "batch_size")] = str(Ross.batch_size),
@@ -272,8 +275,8 @@ def train_rossmann_cmd(
     """Train the entity-embedding TabularModel on Rossmann data, with forest checks."""
     from pipelines.jobs.rossmann import train_rossmann
 
-    cfg = dict(train=train, store=store, external_dir=external_dir, trends=trends, valid_days=valid_days, epochs=epochs,
-               lr=lr, batch_size=batch_size, steps=steps, min_epochs=min_epochs, ensemble=ensemble,
+    cfg = dict(train=train, store=store, external_dir=external_dir, trends=trends, valid_days=valid_days, calendar=calendar,
+               epochs=epochs, lr=lr, batch_size=batch_size, steps=steps, min_epochs=min_epochs, ensemble=ensemble,
                ensemble_kind=ensemble_kind, cycle_epochs=cycle_epochs, refit=refit, layers=_parse_layers(layers),
                wd=wd, seed=seed, experiment=experiment, register=register, force=force, quiet=quiet)
     _run_train(ctx, lambda: train_rossmann(RossmannConfig(**cfg)), as_json, quiet, nproc)
@@ -365,6 +368,9 @@ def score_cmd(
     drift_rows: Annotated[int, typer.Option(min=0, help="Batch rows sampled for the drift check (0: off).")] = 5000,
     batch_rows: Annotated[int, typer.Option(min=1, help="Rows per scoring chunk (bounds memory).")] = 100_000,
     submission_csv: Annotated[str | None, typer.Option(help="Also write a Kaggle submission CSV (Id,Sales).")] = None,
+    calendar: Annotated[str | None, typer.Option(
+        help="Known future events (CSV/Parquet, test.csv layout: Store, Date, Promo, StateHoliday, "
+             "SchoolHoliday) laid over the bundle's event calendar for this run.")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment of the batch run.")] = "batch",
     track: Annotated[bool, typer.Option("--track/--no-track", help="Record the batch run in MLflow.")] = True,
     as_json: JsonOpt = False,
@@ -375,7 +381,8 @@ def score_cmd(
 
     _run(lambda: score_file(model, input, output, quiet=quiet, uncertainty=uncertainty, max_drift_auc=max_drift_auc,
                             fail_on_drift=fail_on_drift, drift_rows=drift_rows, batch_rows=batch_rows,
-                            submission_csv=submission_csv, experiment=experiment, track=track), as_json, quiet)
+                            submission_csv=submission_csv, experiment=experiment, track=track,
+                            calendar=calendar), as_json, quiet)
 
 
 @app.command("recommend")
@@ -405,11 +412,15 @@ def serve_cmd(
     port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
     model: Annotated[list[str] | None, typer.Option(help="NAME=URI, repeatable.")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Uvicorn worker processes.")] = None,
+    calendar: Annotated[list[str] | None, typer.Option(
+        help="NAME=PATH, repeatable: known future events (test.csv layout) laid over model NAME's "
+             "event calendar; re-read on POST /v1/admin/reload. Also TABREC_CALENDARS.")] = None,
 ) -> None:
     """Serve registered models over HTTP (FastAPI + uvicorn)."""
     from service.server import serve
 
-    _run(lambda: serve(host=host, port=port, models=model or [], workers=workers), as_json=False)
+    _run(lambda: serve(host=host, port=port, models=model or [], workers=workers, calendars=calendar or []),
+         as_json=False)
 
 
 def main() -> None:

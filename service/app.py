@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         mlflow.set_tracking_uri(settings.tracking_uri)
     metrics = ServiceMetrics()
-    registry = ModelRegistry(settings.models, metrics)
+    registry = ModelRegistry(settings.models, metrics, calendars=settings.calendars)
     app = FastAPI(title="tabrec", version=app_version(), description=DESCRIPTION, lifespan=lifespan)
     app.state.settings, app.state.registry, app.state.metrics = settings, registry, metrics
     install_error_handlers(app)

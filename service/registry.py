@@ -3,6 +3,12 @@
 Readers take a snapshot (an immutable mapping) and keep using the predictor they got, so an
 in-flight request finishes on the old version. A refresh loads changed versions off to the
 side and then swaps the whole mapping with a single reference assignment.
+
+A model name may have an event calendar file (settings `calendars`, `tabrec serve --calendar
+NAME=PATH`): its known future events are laid over the bundle's calendar
+(`TabularPredictor.with_calendar_file`) when the model loads, and a refresh re-reads the file
+when it changed (its path, size and mtime are part of the model's identity). A calendar that
+does not fit the model fails the load like a broken bundle: the old predictor keeps serving.
 """
 
 from __future__ import annotations
@@ -17,8 +23,8 @@ from types import MappingProxyType
 from typing import Any
 
 from modeling.bundle import BUNDLE_JSON, WEIGHTS, resolve_bundle_dir
-from modeling.errors import TabrecError
-from modeling.predictors import Predictor, load_predictor
+from modeling.errors import DataError, TabrecError
+from modeling.predictors import Predictor, TabularPredictor, load_predictor
 from modeling.uri import ModelUri
 from service.metrics import LOGGER, ServiceMetrics
 
@@ -90,6 +96,26 @@ def source_identity(uri: str) -> tuple[str, str]:
     return f"{Path(bundle).resolve()}@{stamps}", uri
 
 
+def calendar_identity(path: str) -> str:
+    """What identifies a calendar file's content: resolved path, size and mtime (DataError when
+    the file is gone, which fails the load and keeps the old predictor)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise DataError(f"calendar {path}: cannot read ({exc.strerror})") from None
+    return f"{p.resolve()}@{st.st_size}:{st.st_mtime_ns}"
+
+
+def with_calendar(predictor: Predictor, name: str, path: str) -> Predictor:
+    """The predictor with the calendar file's events laid over its bundle's calendar."""
+    if not isinstance(predictor, TabularPredictor) or not predictor.calendar_columns:
+        raise DataError(f"calendar {path}: model {name} ({predictor.kind}) reads no event calendar")
+    out = predictor.with_calendar_file(path)
+    log.info("model %s: event calendar %s laid over the bundle's (%s)", name, path, out.calendar_info())
+    return out
+
+
 def describe_error(exc: BaseException) -> str:
     """A one-line reason for a failed load (no traceback)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -104,8 +130,10 @@ class ModelRegistry:
         specs: Mapping[str, str],
         metrics: ServiceMetrics | None = None,
         loader: Callable[[str], Predictor] = load_predictor,
+        calendars: Mapping[str, str] | None = None,
     ) -> None:
         self.specs: Mapping[str, str] = MappingProxyType(dict(specs))
+        self.calendars: Mapping[str, str] = MappingProxyType(dict(calendars or {}))
         self.metrics = metrics
         self._loader = loader
         self._models: Mapping[str, LoadedModel] = MappingProxyType({})
@@ -187,6 +215,9 @@ class ModelRegistry:
         entry = RefreshEntry(name, uri, "unchanged", previous_version=old.version if old else None)
         try:
             identity, pinned = source_identity(uri)
+            calendar = self.calendars.get(name)
+            if calendar is not None:
+                identity = f"{identity}|calendar {calendar_identity(calendar)}"
             if old is not None and old.identity == identity and not force:
                 entry.version = old.version
                 return entry
@@ -194,6 +225,8 @@ class ModelRegistry:
             predictor = self._loader(pinned)
             if pinned != uri:
                 predictor.source.uri = uri
+            if calendar is not None:
+                predictor = with_calendar(predictor, name, calendar)
             loaded = LoadedModel(name, uri, predictor, identity, time.time())
         except Exception as exc:  # any failure keeps the old predictor serving
             entry.status, entry.error = "failed", describe_error(exc)

@@ -13,18 +13,20 @@ import os
 from modeling.errors import DataError
 from modeling.uri import ModelUri
 from service.metrics import configure_logging, uvicorn_log_config
-from service.settings import Settings, parse_model_specs
+from service.settings import Settings, parse_calendar_specs, parse_model_specs
 
 log = logging.getLogger("tabrec.service")
 APP_FACTORY = "service.app:app_from_env"
 
 
 def resolve_settings(
-    host: str | None, port: int | None, models: list[str], workers: int | None
+    host: str | None, port: int | None, models: list[str], workers: int | None,
+    calendars: list[str] | None = None,
 ) -> Settings:
     """Environment settings with command-line values on top; DataError on anything unusable."""
     overrides = {"host": host, "port": port, "workers": workers,
-                 "models": parse_model_specs(models) if models else None}
+                 "models": parse_model_specs(models) if models else None,
+                 "calendars": parse_calendar_specs(calendars) if calendars else None}
     settings = Settings.from_env(**overrides)
     if not settings.models:
         raise DataError("no models to serve: pass --model NAME=URI (repeatable) or set TABREC_MODELS")
@@ -37,6 +39,9 @@ def resolve_settings(
             parsed.check_exists()  # a local path must exist; remote URIs are checked on load
         except DataError:
             raise DataError(f"--model {name}={uri}: no such file or directory") from None
+    for name, path in settings.calendars.items():
+        if not os.path.isfile(path):  # its content is checked against the model when it loads
+            raise DataError(f"--calendar {name}={path}: no such file")
     return settings
 
 
@@ -47,9 +52,10 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def serve(host: str | None, port: int | None, models: list[str], workers: int | None) -> None:
+def serve(host: str | None, port: int | None, models: list[str], workers: int | None,
+          calendars: list[str] | None = None) -> None:
     """Run the HTTP service until interrupted (uvicorn, optionally several worker processes)."""
-    settings = resolve_settings(host, port, models, workers)
+    settings = resolve_settings(host, port, models, workers, calendars)
     configure_logging(settings.log_level, root=True)
     if not settings.api_keys:
         level = logging.WARNING if is_loopback(settings.host) else logging.ERROR

@@ -46,6 +46,9 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     models: dict[str, str] = Field(default_factory=dict, description="model name -> model URI")
+    calendars: dict[str, str] = Field(default_factory=dict, description=(
+        "model name -> event calendar file (test.csv layout) laid over that model's bundle calendar; "
+        "re-read on reload"))
     host: str = DEFAULT_HOST
     port: int = Field(DEFAULT_PORT, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=64)
@@ -72,6 +75,13 @@ class Settings(BaseModel):
                              f"{sorted(self.models)}")
         return self
 
+    @model_validator(mode="after")
+    def _calendars_are_served(self) -> Settings:
+        unknown = sorted(set(self.calendars) - set(self.models))
+        if unknown:
+            raise ValueError(f"calendar(s) for {unknown}, which are not among the served models {sorted(self.models)}")
+        return self
+
     @property
     def invocations_model(self) -> str | None:
         """The model plain /invocations uses without ?model=: the configured default, or the
@@ -90,6 +100,8 @@ class Settings(BaseModel):
                 values[name] = env[var].strip()
         if env.get("TABREC_MODELS", "").strip():
             values["models"] = parse_models_env(env["TABREC_MODELS"])
+        if env.get("TABREC_CALENDARS", "").strip():
+            values["calendars"] = parse_calendars_env(env["TABREC_CALENDARS"])
         keys = read_api_keys(env)
         if keys:
             values["api_keys"] = tuple(keys)
@@ -104,6 +116,7 @@ class Settings(BaseModel):
         out = {var: str(getattr(self, name)) for var, name in _SCALAR_ENV.items()
                if getattr(self, name) is not None}
         out["TABREC_MODELS"] = json.dumps(self.models)
+        out["TABREC_CALENDARS"] = json.dumps(self.calendars)
         return out
 
 
@@ -132,6 +145,35 @@ def parse_model_specs(specs: Iterable[str]) -> dict[str, str]:
             raise DataError(f"--model {spec!r}: model name {name!r} given twice")
         models[name] = uri
     return models
+
+
+def parse_calendar_specs(specs: Iterable[str]) -> dict[str, str]:
+    """Turn ["name=path", ...] (`tabrec serve --calendar`) into a mapping; DataError on a malformed
+    or duplicate spec. Whether the file exists and fits the model is checked when the model loads."""
+    calendars: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.strip().partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise DataError(f"--calendar {spec!r}: expected NAME=PATH (e.g. rossmann=/data/test.csv)")
+        if name in calendars:
+            raise DataError(f"--calendar {spec!r}: model name {name!r} given twice")
+        calendars[name] = path
+    return calendars
+
+
+def parse_calendars_env(value: str) -> dict[str, str]:
+    """TABREC_CALENDARS: a JSON object, or comma/newline separated NAME=PATH items."""
+    value = value.strip()
+    if value.startswith("{"):
+        try:
+            obj = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"TABREC_CALENDARS: invalid JSON ({exc})") from None
+        if not isinstance(obj, dict) or not all(isinstance(v, str) for v in obj.values()):
+            raise DataError("TABREC_CALENDARS: JSON must be an object of model name -> file path strings")
+        return parse_calendar_specs(f"{k}={v}" for k, v in obj.items())
+    return parse_calendar_specs(item for item in re.split(r"[,\n]", value) if item.strip())
 
 
 def parse_models_env(value: str) -> dict[str, str]:

@@ -233,16 +233,16 @@ def _random_series(seed: int, groups: int = 6, days: int = 200) -> pd.DataFrame:
 
 
 def test_elapsed_events_predict_time_equals_one_pass() -> None:
-    """Fit on the first part, transform the last 42 days as a shuffled batch: the 'since'
-    features equal one pass over everything; 'until' ones wherever the next event is in the
-    batch, and the cap otherwise."""
+    """Fit on the first part, lay the last 42 days over the calendar as known events, transform
+    them as a shuffled batch: the 'since' features equal one pass over everything; 'until' ones
+    wherever the next event is in the calendar, and the cap otherwise (no repeat)."""
     df = _random_series(0)
     cut = df["Date"].max() - pd.Timedelta(days=42)
     cap, w = 60, 7
     full = ElapsedEvents("g", "Date", ["e1", "e2"], window=w, cap=cap).fit_transform(df)
     step = ElapsedEvents("g", "Date", ["e1", "e2"], window=w, cap=cap).fit(df[df["Date"] <= cut])
     batch = df[df["Date"] > cut].sample(frac=1, random_state=1)
-    got = step.transform(batch).loc[df.index[df["Date"] > cut]]
+    got = step.with_calendar(batch).transform(batch).loc[df.index[df["Date"] > cut]]
     ref = full.loc[got.index]
     end = batch["Date"].max()
     for e in ("e1", "e2"):
@@ -308,7 +308,7 @@ def test_pipeline_save_load_round_trip(tmp_path) -> None:
     pipe.save(tmp_path / "feat")
     files = sorted(p.name for p in (tmp_path / "feat" / "tables").iterdir())
     assert files == ["01_join_table_table.parquet", "04_group_any_table.parquet",
-                     "06_elapsed_events_history.parquet"]
+                     "06_elapsed_events_calendar.parquet"]
     doc = json.loads((tmp_path / "feat" / "features.json").read_text())
     assert [s["name"] for s in doc["steps"]][0] == "date_parts"
     loaded = FeaturePipeline.load(tmp_path / "feat")
@@ -368,7 +368,7 @@ def test_a_join_on_a_date_key_is_time_relative_and_a_join_on_store_is_not() -> N
 
 def test_pipeline_describes_groups_dates_keys_and_time_relative_columns() -> None:
     pipe, df = _pipeline()
-    assert pipe.group_columns() == ["g"]  # ElapsedEvents reads the events of the group in the batch
+    assert pipe.group_columns() == []  # ElapsedEvents reads its calendar, not the batch's other rows
     assert pipe.date_columns() == ["Date"]
     assert pipe.key_columns() == ["g", "Date"]
     events = {f"{p}{e}" for e in ("e1", "e2") for p in ("After", "Before")} | {

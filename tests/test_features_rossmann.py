@@ -41,9 +41,8 @@ from pipelines.features.rossmann import (
     split_by_days,
     training_rows,
 )
+from pipelines.ingest.external import ExternalTables, read_external
 from pipelines.ingest.rossmann import (
-    ExternalTables,
-    read_external,
     read_store,
     read_test,
     read_train,
@@ -165,7 +164,7 @@ def test_drift_exclusions_group_and_key_columns_of_the_trained_model(trained: di
     out of the drift check are exactly the set it left out before the description API existed."""
     predictor = trained["predictor"]
     assert drift_exclusions(predictor) == EXPECTED_PLAIN
-    assert group_columns(predictor) == ["Store"]
+    assert group_columns(predictor) == []  # the event calendar: no rows need to be scored together
     rows = pd.read_csv(trained["test_csv"]).drop(columns=["Id"])
     rows.to_csv(tmp_path / "no_id.csv", index=False)
     assert key_columns(predictor, open_inputs(tmp_path / "no_id.csv")) == ["Store", "Date"]  # no Id: fallback
@@ -177,9 +176,10 @@ def test_drift_exclusions_group_and_key_columns_of_the_trained_model(trained: di
 CAL = "calendar part of the date"
 DURATION = "duration up to the row's date"
 MONTH = "flag of the date's month"
-EVENT = ("event distance/window: Before*/*_fw read the batch's own future and cap at its end, "
-         "After*/*_bw move with the season")
+EVENT = ("event distance/window read from the event calendar: moves with the season and with "
+         "the events known ahead (cap or repeat beyond the calendar's horizon)")
 # recorded from pipelines.score.drift_exclusions as it read step names, before the description API
+# (the event reason reworded when the days-until features moved to the event calendar)
 EXPECTED_PLAIN = {
     **{c: CAL for c in ["Year", "Month", "Week", "Day", "Dayofyear", "Elapsed"]},
     "CompetitionMonthsOpen": DURATION, "Promo2Weeks": DURATION, "Promo2Active": MONTH,
@@ -234,7 +234,8 @@ def test_rossmann_pipeline_declares_todays_drift_exclusions(tmp_path: Path) -> N
         assert predictor.features is not None
         assert drift_exclusions(predictor) == expected
         assert pipe.time_relative_columns() == expected
-        assert pipe.group_columns() == ["Store"] and pipe.key_columns() == ["Store", "Date"]
+        assert pipe.group_columns() == [] and pipe.key_columns() == ["Store", "Date"]
+        assert pipe.entity_columns() == ["Store"]
         assert pipe.date_columns() == ["Date"]
         # the store joins (on Store) add inputs that do not move with the date
         assert not {"StoreType", "CompetitionDistance", "State", "OpensSundays", "Dayofweek"} & set(expected)
@@ -338,9 +339,10 @@ def _as_request(rows: pd.DataFrame, seed: int) -> pd.DataFrame:
 
 @needs_data
 def test_later_weeks_served_equal_one_pass_over_the_series(real: dict, tmp_path: Path) -> None:
-    """Fit on all but the last 6 weeks, serve those weeks as one shuffled request of JSON records:
-    the result equals one fit_transform over the whole series (days-until features wherever the
-    next event lies inside the request, the documented cap otherwise)."""
+    """Fit on all but the last 6 weeks, serve those weeks as one shuffled request of JSON records
+    with those weeks' events as the calendar: the result equals one fit_transform over the whole
+    series (days-until features wherever the next event lies inside the calendar, the documented
+    cap otherwise)."""
     train = real["train"]
     gap = _gap_stores(train)
     assert len(gap) == 180
@@ -351,7 +353,8 @@ def test_later_weeks_served_equal_one_pass_over_the_series(real: dict, tmp_path:
     pipe = build_feature_pipeline(real["store"], real["external"]).fit(sub[sub["Date"] <= cut])
     predictor = serving_predictor(pipe, training_rows(full), tmp_path / "bundle")
     later = sub[sub["Date"] > cut]
-    got = predictor.engineer(_as_request(later, seed=7)).set_index("Id").loc[later.index]
+    request = _as_request(later, seed=7)
+    got = predictor.with_calendar(request).engineer(request).set_index("Id").loc[later.index]
     ref = full.loc[later.index]
     cats, conts = pipe.meta["cat_cols"], pipe.meta["cont_cols"]
     assert "State" in cats and "trend_DE" in conts and "max_temperature_c" in conts

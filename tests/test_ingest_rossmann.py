@@ -10,10 +10,9 @@ import pandas as pd
 import pytest
 
 from modeling.errors import DataError
+from pipelines.ingest.external import STATE_CODES, read_external
 from pipelines.ingest.rossmann import (
-    STATE_CODES,
     check_stores,
-    read_external,
     read_store,
     read_test,
     read_train,

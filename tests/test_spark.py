@@ -221,9 +221,10 @@ def test_rossmann_udf_called_with_signature_columns_matches(spark, store, rossma
     np.testing.assert_allclose(scored_by_id(out, rossmann_rows["Id"]), batch, **TOL)
 
 
-def test_rossmann_batches_that_split_a_store_change_its_features(spark, store, rossmann_rows):
-    """Why docs/spark.md repartitions by Store: "days until the next promo/holiday" is computed
-    from the rows in the batch, so Arrow batches that cut a store's days give other answers."""
+def test_rossmann_batches_that_split_a_store_give_the_same_answers(spark, store, rossmann_rows):
+    """Arrow batches of 50 rows cut stores' days apart: the answers are those of one pass, since
+    "days until the next promo/holiday" reads the bundle's event calendar, not the batch (before
+    the calendar they changed, and docs/spark.md asked for store partitions)."""
     from pyspark.sql.functions import struct
 
     predict = mlflow.pyfunc.spark_udf(spark, ROSS, result_type="double", env_manager="local")
@@ -237,7 +238,7 @@ def test_rossmann_batches_that_split_a_store_change_its_features(spark, store, r
     batch = load_predictor(ROSS).predict(rossmann_rows)
     got = scored_by_id(out, rossmann_rows["Id"])
     assert np.isfinite(got).all()
-    assert (np.abs(got - batch) > 1e-3).any(), "split batches no longer change predictions: update docs/spark.md"
+    np.testing.assert_allclose(got, batch, **TOL)
 
 
 # ---------------------------------------------------------------- ratings

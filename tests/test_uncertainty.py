@@ -83,10 +83,10 @@ def test_score_with_uncertainty_adds_spread_zero_for_closed_stores(model_store, 
     np.testing.assert_array_equal(got["spread"].to_numpy(), spread)
     np.testing.assert_array_equal(got["prediction"].to_numpy(), pred)
 
-    # small chunks keep stores whole, so the spread is the same row for row
+    # small chunks (stores split across them) give the same spread row for row
     chunked = score_file(bundles["rossmann"], _test_csv(model_store), tmp_path / "chunked.parquet", quiet=True,
                          track=False, uncertainty=True, batch_rows=100)
-    assert chunked["chunk_mode"] == "buckets"
+    assert chunked["chunk_mode"] == "stream"
     small = pq.read_table(tmp_path / "chunked.parquet").to_pandas().sort_values("Id").reset_index(drop=True)
     np.testing.assert_allclose(small["spread"].to_numpy(), got.sort_values("Id")["spread"].to_numpy(),
                                rtol=1e-12, atol=0)

@@ -188,8 +188,10 @@ class StepInfo:
     outputs: the columns the step adds (a join whose column name clashes with an input column
         adds it with its suffix; `outputs` gives the plain names).
     group_columns: rows that share these columns' values must be transformed in one batch: a
-        row's values depend on the other rows of its group in the batch (e.g. days until the
-        next promo of the same store).
+        row's values depend on the other rows of its group in the batch. No step of tabrec's
+        declares any today (event distances read a calendar instead, `ElapsedEvents`).
+    key_columns: input columns that identify a row for the step (e.g. ("Store", "Date"): one
+        row per store and day of the event calendar).
     date_columns: input columns the step reads as dates.
     time_relative: output -> why it is a function of the row's date, so that a batch from
         another period differs there by construction, not by drift.
@@ -197,6 +199,7 @@ class StepInfo:
 
     outputs: tuple[str, ...] = ()
     group_columns: tuple[str, ...] = ()
+    key_columns: tuple[str, ...] = ()
     date_columns: tuple[str, ...] = ()
     time_relative: Mapping[str, str] = field(default_factory=dict)
 
@@ -220,6 +223,16 @@ class Step:
 
     def fit(self, df: pd.DataFrame) -> Step:
         return self
+
+    def calendar_columns(self) -> list[str]:
+        """Input columns of an event calendar this step reads (group, date, events); [] when the
+        step reads none (then `with_calendar` does not apply)."""
+        return []
+
+    def with_calendar(self, frame: pd.DataFrame, source: str = "calendar",
+                      row_label: Any = None) -> Step:
+        """A copy of this fitted step with `frame`'s events laid over its calendar."""
+        raise NotImplementedError(f"feature step {self.name!r} reads no event calendar")
 
     def new_columns(self, df: pd.DataFrame | Columns) -> dict[str, Any]:
         """The columns this step adds (name -> array), computed from `df`'s columns. `df` is a

@@ -1,13 +1,16 @@
 """Per-group days since/until events and event counts in a window (e.g. days since the store's
-last promo, state holidays in the coming week), by calendar day.
+last promo, state holidays in the coming week), by calendar day, read from an event calendar.
 
-These are the one kind of feature whose values for a row depend on the other rows of its group
-in the same batch (the events ahead of the row), so the step declares its group column: batch
-scoring keeps a group's rows together.
+The calendar (modeling.features.calendar) holds every (group, date) the step was fitted on, plus
+known future events laid over it (`with_calendar`). A row's values depend only on the calendar
+and on the row itself (its own flags count for its own date), never on the other rows of its
+batch: the same record gets the same features alone, in a request of 50 or in a file of 2M rows,
+so batch scoring may cut rows anywhere and the service answers records independently.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -20,22 +23,29 @@ from modeling.features.base import (
     Step,
     StepInfo,
     as_datetime,
-    canonical_table,
     day_numbers,
     register,
     require,
     truthy,
 )
+from modeling.features.calendar import (
+    OBSERVED,
+    SHIFT,
+    CalendarIndex,
+    RowLabel,
+    calendar_problems,
+    calendar_table,
+    keys,
+    overlay,
+    position_label,
+    raise_problems,
+)
 
-EVENT_REASON = ("event distance/window: Before*/*_fw read the batch's own future and cap at its end, "
-                "After*/*_bw move with the season")
-_SHIFT = np.int64(32)
-_OFFSET = np.int64(1 << 31)
-
-
-def _keys(codes: np.ndarray, days: np.ndarray) -> np.ndarray:
-    """(group code, day) -> one sortable int64 so a single searchsorted serves all groups."""
-    return (codes.astype(np.int64) << _SHIFT) | (days + _OFFSET)
+EVENT_REASON = ("event distance/window read from the event calendar: moves with the season and with "
+                "the events known ahead (cap or repeat beyond the calendar's horizon)")
+OLD_BUNDLE = ("feature step 'elapsed_events' was saved with a per-group event history (a tabrec "
+              "before event calendars), whose days-until features depended on the other rows of a "
+              "batch; this tabrec needs its event calendar: retrain the model (tabrec train ...)")
 
 
 @register
@@ -49,25 +59,37 @@ class ElapsedEvents(Step):
       - `{e}_bw`: number of event days in [d - window + 1, d]; `{e}_fw`: in [d, d + window - 1].
     Both distances are clipped to [0, cap]; "no such event known" is reported as `cap`.
 
-    fit() keeps, per group, the last event day of each kind and every event day in the last
-    `window` days before the end of the fitted data. transform() merges that history with the
-    event days present in the batch itself (batch rows win on the same group/day), so rows
-    dated after training get exactly the same After/_bw values as one pass over all rows; the
-    Before/_fw values equal it when the next event lies inside the batch, and are `cap`/partial
-    counts otherwise. Row order does not matter.
+    Event days come from the calendar: fit() stores one row per (group, date) of the fitted rows
+    (so the training rows, which are their own calendar, get exactly the values of one pass over
+    the series); `with_calendar` lays known future events over it. At transform time a row's own
+    flags replace the calendar's for its own (group, date); no other row of the batch is read.
+
+    Beyond a group's horizon (the last date its calendar knows) an event in `repeat` (event ->
+    period in days, e.g. {"Promo": 14}) repeats its days of the last period before the horizon,
+    for up to 2 * cap + window days; other events have no known days there (distances read
+    `cap`, window counts count the known days only). Groups the calendar lacks have only their
+    own row.
     """
 
     name = "elapsed_events"
 
     def __init__(self, group: str, date: str, events: Sequence[str], window: int = 7,
-                 cap: int = 365, after_prefix: str = "After", before_prefix: str = "Before") -> None:
+                 cap: int = 365, after_prefix: str = "After", before_prefix: str = "Before",
+                 repeat: Mapping[str, int] | None = None) -> None:
         if window < 1 or cap < 1:
             raise ValueError("ElapsedEvents: window and cap must be >= 1")
         self.group, self.date, self.events = group, date, list(events)
+        if OBSERVED in (group, date, *self.events):
+            raise ValueError(f"ElapsedEvents: {OBSERVED!r} is reserved for the calendar table")
+        self.repeat = {str(k): int(v) for k, v in (repeat or {}).items()}
+        unknown = sorted(set(self.repeat) - set(self.events))
+        if unknown or any(v < 1 for v in self.repeat.values()):
+            raise ValueError(f"ElapsedEvents: repeat must map events {self.events} to periods >= 1 "
+                             f"day, got {self.repeat}")
         self.window, self.cap = int(window), int(cap)
         self.after_prefix, self.before_prefix = after_prefix, before_prefix
-        self.history: pd.DataFrame | None = None
-        self._cache: tuple[pd.DataFrame, pd.Index, dict[str, np.ndarray]] | None = None
+        self.calendar: pd.DataFrame | None = None
+        self._index: CalendarIndex | None = None
 
     def outputs(self) -> list[str]:
         return [name for e in self.events for name in (
@@ -75,11 +97,59 @@ class ElapsedEvents(Step):
 
     def describe(self, dates: Collection[str] = ()) -> StepInfo:
         outputs = tuple(self.outputs())
-        return StepInfo(outputs=outputs, group_columns=(self.group,), date_columns=(self.date,),
+        # no group columns: a row's values do not depend on its batch neighbours
+        return StepInfo(outputs=outputs, key_columns=(self.group, self.date), date_columns=(self.date,),
                         time_relative={c: EVENT_REASON for c in outputs})
 
+    def calendar_columns(self) -> list[str]:
+        return [self.group, self.date, *self.events]
+
+    # ------------------------------------------------------------------ the calendar
+
+    def _set_calendar(self, table: pd.DataFrame | None) -> None:
+        self.calendar = table
+        self._index = None if table is None else CalendarIndex.build(
+            table, self.group, self.date, self.events, self.repeat, reach=2 * self.cap + self.window)
+
+    def _require_fitted(self) -> CalendarIndex:
+        if self._index is None:
+            raise RuntimeError(f"{self.name}: call fit() before transform()")
+        return self._index
+
+    def fit(self, df: pd.DataFrame) -> ElapsedEvents:
+        require(df, self.calendar_columns(), self.name)
+        self._set_calendar(calendar_table(df, self.group, self.date, self.events, observed=True))
+        return self
+
+    def with_calendar(self, frame: pd.DataFrame, source: str = "calendar",
+                      row_label: RowLabel = position_label) -> ElapsedEvents:
+        """A copy of this fitted step whose calendar has `frame`'s rows (group, date and event
+        columns) laid over it; this step is left as it was (safe under concurrent requests).
+
+        DataError naming `source`, column and rows (`row_label(position)`) for duplicate (group,
+        date) rows, groups the calendar lacks, and flags contradicting an observed row."""
+        self._require_fitted()
+        require(frame, self.calendar_columns(), f"{self.name} calendar {source}")
+        frame = frame.reset_index(drop=True)
+        raise_problems(calendar_problems(self.calendar, frame, self.group, self.date, self.events),
+                       source, row_label)
+        extra = calendar_table(frame, self.group, self.date, self.events, observed=False)
+        new = copy.copy(self)
+        assert self.calendar is not None
+        new._set_calendar(overlay(self.calendar, extra, self.group, self.date))
+        return new
+
+    def calendar_info(self) -> dict[str, Any]:
+        """The calendar's size, its groups' horizons and its event days (for logs and reports)."""
+        index = self._require_fitted()
+        assert self.calendar is not None
+        return {"rows": len(self.calendar), "future_rows": int((self.calendar[OBSERVED] == 0).sum()),
+                "repeat": dict(self.repeat), **index.describe()}
+
+    # ------------------------------------------------------------------ transform
+
     def _inputs(self, df: pd.DataFrame | Columns) -> tuple[pd.Series, np.ndarray, dict[str, np.ndarray]]:
-        require(df, [self.group, self.date, *self.events], self.name)
+        require(df, self.calendar_columns(), self.name)
         dates = as_datetime(df[self.date], self.date, self.name)
         bad = dates.isna().to_numpy() | df[self.group].isna().to_numpy()
         if bad.any():
@@ -89,84 +159,55 @@ class ElapsedEvents(Step):
         flags = {e: truthy(df[e]) for e in self.events}
         return df[self.group], day_numbers(dates), flags
 
-    def fit(self, df: pd.DataFrame) -> ElapsedEvents:
-        group, days, flags = self._inputs(df)
-        end = days.max() if len(days) else 0
-        keep = np.zeros(len(df), dtype=bool)
-        gvals = group.to_numpy()
-        for f in flags.values():
-            keep |= f & (days > end - self.window)
-            if f.any():  # the last event day of this kind in each group
-                last = pd.Series(days[f]).groupby(gvals[f]).transform("max").to_numpy()
-                keep[np.flatnonzero(f)[days[f] == last]] = True
-        hist = pd.DataFrame({self.group: gvals[keep],
-                             self.date: days[keep].astype("datetime64[D]").astype("datetime64[ns]"),
-                             **{e: f[keep].astype(np.int64) for e, f in flags.items()}})
-        hist = hist.groupby([self.group, self.date], as_index=False, sort=True).max()
-        self.history = canonical_table(hist)
-        return self
-
     def new_columns(self, df: pd.DataFrame | Columns) -> dict[str, Any]:
-        if self.history is None:
-            raise RuntimeError(f"{self.name}: call fit() before transform()")
+        index = self._require_fitted()
         group, days, flags = self._inputs(df)
-        groups, hist_events = self._history_keys()
-        codes = groups.get_indexer(group)
-        unseen = codes < 0
-        if unseen.any():  # groups without history get codes of their own
-            codes[unseen] = len(groups) + pd.factorize(group[unseen])[0]
-        bkeys = _keys(codes, days)
+        q = keys(index.codes(group), days)
         cols: dict[str, np.ndarray] = {}
         for e in self.events:
-            hist_ev = hist_events[e]
-            hist_ev = hist_ev[~np.isin(hist_ev, bkeys)]  # the batch wins where it has the same group/day
-            ev = np.unique(np.concatenate([bkeys[flags[e]], hist_ev]))
-            since, until, bw, fw = self._distances(ev, bkeys)
+            since, until, bw, fw = self._distances(index.events[e], q, flags[e])
             cols[self.after_prefix + e] = since
             cols[self.before_prefix + e] = until
             cols[f"{e}_bw"], cols[f"{e}_fw"] = bw, fw
         return cols
 
-    def _history_keys(self) -> tuple[pd.Index, dict[str, np.ndarray]]:
-        """(history's distinct groups, per event the sorted keys of its history event days),
-        computed once per history table rather than on every transform."""
-        hist = self.history
-        assert hist is not None
-        if self._cache is None or self._cache[0] is not hist:
-            codes, groups = pd.factorize(hist[self.group])
-            keys = _keys(codes, day_numbers(hist[self.date]))
-            events = {e: np.unique(keys[hist[e].to_numpy() != 0]) for e in self.events}
-            self._cache = (hist, pd.Index(groups), events)
-        return self._cache[1], self._cache[2]
-
-    def _distances(self, ev: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, ...]:
-        """ev: sorted unique event keys; q: row keys. Keys of different groups never mix
-        because a group's keys form a contiguous block of the int64 range."""
+    def _distances(self, ev: np.ndarray, q: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, ...]:
+        """ev: sorted unique event keys of the calendar; q: row keys; own: the rows' own flags,
+        which replace the calendar's on each row's own key (so the calendar's day q itself is
+        never read: only days strictly before or after it)."""
         cap, w = self.cap, self.window
+        own64 = own.astype(np.int64)
         if len(ev) == 0:
-            full = np.full(len(q), cap, dtype=np.int64)
-            return full, full.copy(), np.zeros(len(q), np.int64), np.zeros(len(q), np.int64)
-        group = q >> _SHIFT
-        right = np.searchsorted(ev, q, "right")
-        left = np.searchsorted(ev, q, "left")
-        prev = ev[np.maximum(right - 1, 0)]
-        has_prev = (right > 0) & ((prev >> _SHIFT) == group)
-        since = np.where(has_prev, q - prev, cap)
-        nxt = ev[np.minimum(left, len(ev) - 1)]
-        has_next = (left < len(ev)) & ((nxt >> _SHIFT) == group)
-        until = np.where(has_next, nxt - q, cap)
-        bw = right - np.searchsorted(ev, q - (w - 1), "left")
-        fw = np.searchsorted(ev, q + (w - 1), "right") - left
+            none = np.where(own, 0, cap).astype(np.int64)
+            return none, none.copy(), own64, own64.copy()
+        group = q >> SHIFT
+        left = np.searchsorted(ev, q, "left")  # calendar days < q end here
+        right = np.searchsorted(ev, q, "right")  # calendar days > q start here
+        prev = ev[np.maximum(left - 1, 0)]
+        has_prev = (left > 0) & ((prev >> SHIFT) == group)
+        since = np.where(own, 0, np.where(has_prev, q - prev, cap))
+        nxt = ev[np.minimum(right, len(ev) - 1)]
+        has_next = (right < len(ev)) & ((nxt >> SHIFT) == group)
+        until = np.where(own, 0, np.where(has_next, nxt - q, cap))
+        bw = left - np.searchsorted(ev, q - (w - 1), "left") + own64
+        fw = np.searchsorted(ev, q + (w - 1), "right") - right + own64
         return (np.clip(since, 0, cap).astype(np.int64), np.clip(until, 0, cap).astype(np.int64),
                 bw.astype(np.int64), fw.astype(np.int64))
 
+    # ------------------------------------------------------------------ state
+
     def params(self) -> dict[str, Any]:
-        return {"group": self.group, "date": self.date, "events": self.events,
-                "window": self.window, "cap": self.cap, "after_prefix": self.after_prefix,
-                "before_prefix": self.before_prefix}
+        out = {"group": self.group, "date": self.date, "events": self.events,
+               "window": self.window, "cap": self.cap, "after_prefix": self.after_prefix,
+               "before_prefix": self.before_prefix}
+        if self.repeat:
+            out["repeat"] = dict(self.repeat)
+        return out
 
     def tables(self) -> dict[str, pd.DataFrame]:
-        return {} if self.history is None else {"history": self.history}
+        return {} if self.calendar is None else {"calendar": self.calendar}
 
     def set_tables(self, tables: Mapping[str, pd.DataFrame]) -> None:
-        self.history = tables.get("history")
+        if "history" in tables and "calendar" not in tables:
+            raise DataError(OLD_BUNDLE)
+        self._set_calendar(tables.get("calendar"))

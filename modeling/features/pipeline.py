@@ -49,9 +49,17 @@ class FeaturePipeline:
         self.fit_transform(df)
         return self
 
-    def fit_transform(self, df: pd.DataFrame) -> pd.DataFrame:
-        for step in self.steps:
-            df = step.fit(df).transform(df)
+    def fit_transform(self, df: pd.DataFrame, calendar: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Fit each step on the previous steps' output and transform with it. `calendar`: known
+        future events (raw rows with the calendar steps' columns) laid over each calendar step's
+        fitted rows before it transforms, so the fitted rows see them as serving will."""
+        if calendar is not None and not self.calendar_columns():
+            raise DataError("an event calendar was given, but no feature step reads one")
+        for i, step in enumerate(self.steps):
+            step.fit(df)
+            if calendar is not None and step.calendar_columns():
+                step = self.steps[i] = step.with_calendar(calendar)
+            df = step.transform(df)
         return df
 
     def transform(self, df: pd.DataFrame) -> pd.DataFrame:
@@ -79,15 +87,43 @@ class FeaturePipeline:
         return list(dict.fromkeys(c for step in self.steps for c in step.describe().date_columns))
 
     def group_columns(self) -> list[str]:
-        """Columns whose rows must be transformed in one batch (e.g. ["Store"]: the days until a
-        store's next promo are read from that store's rows in the batch)."""
+        """Columns whose rows must be transformed in one batch; [] for every step tabrec has (the
+        days until a store's next promo come from the event calendar, not from the batch)."""
         return list(dict.fromkeys(c for info in self.describe() for c in info.group_columns))
 
     def key_columns(self) -> list[str]:
-        """Columns that identify a row: the group and date columns of each grouping step (e.g.
-        ["Store", "Date"]: one row per store and day); empty when no step groups rows."""
-        return list(dict.fromkeys(c for info in self.describe() if info.group_columns
-                                  for c in (*info.group_columns, *info.date_columns)))
+        """Columns that identify a row: the key columns the steps declare, else the group and
+        date columns of each grouping step (e.g. ["Store", "Date"]: one row per store and day);
+        empty when no step declares either."""
+        return list(dict.fromkeys(c for info in self.describe() for c in (
+            info.key_columns or ((*info.group_columns, *info.date_columns) if info.group_columns else ()))))
+
+    def entity_columns(self) -> list[str]:
+        """Key columns that are not dates (e.g. ["Store"]): what a row belongs to."""
+        dates = set(self.date_columns())
+        return [c for c in self.key_columns() if c not in dates]
+
+    # ------------------------------------------------------------------ event calendars
+
+    def calendar_columns(self) -> list[str]:
+        """Input columns of the event calendar the steps read (e.g. Store, Date, Promo,
+        StateHoliday, SchoolHoliday); [] when no step reads one."""
+        return list(dict.fromkeys(c for step in self.steps for c in step.calendar_columns()))
+
+    def with_calendar(self, frame: pd.DataFrame, source: str = "calendar",
+                      row_label: Any = None) -> FeaturePipeline:
+        """A new pipeline whose calendar steps have `frame`'s events laid over their calendars
+        (the other steps are shared; this pipeline is left as it was). DataError naming `source`,
+        column and rows (`row_label(position)`) for a frame that does not fit the calendar."""
+        if not self.calendar_columns():
+            raise DataError(f"{source}: this model's features read no event calendar")
+        kw = {} if row_label is None else {"row_label": row_label}
+        steps = [s.with_calendar(frame, source, **kw) if s.calendar_columns() else s for s in self.steps]
+        return FeaturePipeline(steps, self.meta)
+
+    def calendar_info(self) -> list[dict[str, Any]]:
+        """Per calendar step: rows, future rows, groups, horizon range, event days."""
+        return [s.calendar_info() for s in self.steps if s.calendar_columns()]  # type: ignore[attr-defined]
 
     def time_relative_columns(self) -> dict[str, str]:
         """Output column -> why it is a function of the row's date (calendar parts, durations up

@@ -11,7 +11,7 @@ chunks, gates on drift and writes.
   outputs    output paths, the lock, atomic writers, leftovers of a killed run
   job        the frame both jobs run in (tracking fast-fail, lock, MLflow run), shared helpers
   drift      the drift gate on top of `modeling.drift` (warn or DriftError) and its log lines
-  score      chunking by whole groups, predictions, `score_file`
+  score      plans (whole / stream), event calendars (`calendar=`), predictions, `score_file`
   recommend  `recommend_file`
 
 Log lines go to the logger "tabrec.score". The MLflow side (reachability check,

@@ -1,27 +1,21 @@
 """`score`: a Parquet/CSV file (or a directory of them) through any model -> Parquet of keys + prediction.
 
 With `uncertainty=True` a tabular bundle's spread forest adds a per-row `spread` column (std of
-its trees' predictions of the model's target, e.g. log(Sales)).
+its trees' predictions of the model's target, e.g. log(Sales)). With `calendar=PATH` a tabular
+model's event features read the known future events of that file (test.csv layout) laid over
+the bundle's event calendar, for this run (`TabularPredictor.with_calendar_file`).
 
-Chunking by whole groups: Rossmann's "days until the next promo/holiday" features are computed
-from the events present in the batch itself (modeling.features.ElapsedEvents), so splitting one
-store's rows across chunks would change its features. The feature pipeline names such group
-columns (`predictor.group_columns()`), and `make_plan` cuts the input so that no group is split:
-an input of at most `batch_rows` rows is scored in one go ("whole"); a larger one is first
-counted per group, the sorted group values are cut into contiguous ranges of about `batch_rows`
-rows, one streaming pass spills each row to its range's hidden Parquet bucket beside the
-output (`_spill`), and the buckets are scored one by one ("buckets"). A model without group
-columns (ratings) streams record batches ("stream"). Predictions are identical in every mode;
-memory is bounded by `batch_rows` plus the largest single group. Output rows keep input order
-within a chunk; with several chunks they come bucket by bucket (sort by the key columns if
-order matters).
+Chunking: a record's features do not depend on the other records of its chunk (Rossmann's
+days-until features read the bundle's event calendar, modeling.features.ElapsedEvents), so an
+input of at most `batch_rows` rows is scored in one go ("whole") and a larger one streams record
+batches of `batch_rows` ("stream"); memory is bounded by `batch_rows`. Predictions are the same
+in both modes. A feature pipeline that declared group columns (rows that must be transformed
+together; none of tabrec's steps does) would be scored in one chunk, with a warning.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
@@ -32,24 +26,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from modeling.errors import DataError
 from modeling.predictors import Predictor, RatingsPredictor, TabularPredictor, load_predictor
 from modeling.schema import RecordsError
 from modeling.uri import ModelUri
 from pipelines.batch.drift import drift_gate, drift_sampler
-from pipelines.batch.inputs import ROW, InputSet, count_rows, open_inputs, read_batches, reading
+from pipelines.batch.inputs import ROW, InputSet, count_rows, open_inputs, read_batches
 from pipelines.batch.job import batch_job, log_run, progress, run_id, source_info
 from pipelines.batch.outputs import (
-    SPILL_SUFFIX,
     AtomicTableWriter,
     atomic_outputs,
-    output_errors,
     output_path,
     publish,
     submission_path,
-    temp_name,
 )
 
 log = logging.getLogger("tabrec.score")
@@ -61,7 +51,7 @@ MAX_SPILL_FILES = 256
 
 
 def group_columns(predictor: Predictor) -> list[str]:
-    """Columns whose rows must be scored together (features computed from events in the batch)."""
+    """Columns whose rows must be scored together ([] for tabrec's feature steps)."""
     return predictor.group_columns() if isinstance(predictor, TabularPredictor) else []
 
 
@@ -107,78 +97,34 @@ def _check_required(predictor: Predictor, inputs: InputSet) -> None:
 
 @dataclass
 class Plan:
-    """How the input is cut into chunks: 'whole' (one chunk), 'stream' (row batches) or 'buckets'
-    (whole groups spilled to hidden Parquet files first)."""
+    """How the input is cut into chunks: 'whole' (one chunk) or 'stream' (record batches)."""
 
     mode: str
     total_rows: int
     chunk_rows: int
-    group: str | None = None
-    bucket_keys: pd.Index | None = None
-    bucket_of_key: np.ndarray | None = None
 
 
 def make_plan(predictor: Predictor, inputs: InputSet, batch_rows: int) -> Plan:
-    """Count the input (per group value when the model has one group column) and choose the mode."""
-    groups = group_columns(predictor)
-    group = groups[0] if len(groups) == 1 and groups[0] in inputs.columns else None
-    counts = count_rows(inputs, group)
+    """Count the input (Parquet: from file metadata; CSV: one pass over a column) and choose the mode."""
+    count_rows(inputs, None)
     total = int(sum(inputs.file_rows))
     if total <= batch_rows:
         return Plan("whole", total, batch_rows)
-    if not groups:
-        return Plan("stream", total, batch_rows)
-    if group is None:
+    groups = group_columns(predictor)
+    if groups:
         log.warning("features group rows by %s: scoring all %d rows in one chunk", groups, total)
         return Plan("whole", total, total)
-    assert counts is not None
-    chunk = max(batch_rows, math.ceil(total / MAX_SPILL_FILES))
-    c = counts.to_numpy()
-    bucket = (np.cumsum(c) - c) // chunk  # contiguous key ranges of about `chunk` rows each
-    return Plan("buckets", total, chunk, group, pd.Index(counts.index), bucket.astype(np.int64))
+    return Plan("stream", total, batch_rows)
 
 
-def _spill(inputs: InputSet, columns: Sequence[str], plan: Plan, spill_dir: Path) -> list[Path]:
-    """Stream the input once, appending each row to its bucket's Parquet file."""
-    assert plan.bucket_keys is not None and plan.bucket_of_key is not None
-    writers: dict[int, pq.ParquetWriter] = {}
-    paths: dict[int, Path] = {}
-    try:
-        for batch in read_batches(inputs, columns, plan.chunk_rows):
-            pos = plan.bucket_keys.get_indexer(batch.column(plan.group).to_pandas())
-            bucket = plan.bucket_of_key[pos]
-            order = np.argsort(bucket, kind="stable")
-            ids, starts = np.unique(bucket[order], return_index=True)
-            ends = np.append(starts[1:], len(order))
-            sorted_batch = batch.take(pa.array(order))
-            for b, s, e in zip(ids.tolist(), starts.tolist(), ends.tolist(), strict=True):
-                if b not in writers:
-                    paths[b] = spill_dir / f"{b:05d}.parquet"
-                    with output_errors(paths[b]):
-                        writers[b] = pq.ParquetWriter(paths[b], batch.schema, compression="lz4")
-                with output_errors(paths[b]):
-                    writers[b].write_batch(sorted_batch.slice(s, e - s))
-    finally:
-        for w in writers.values():
-            w.close()
-    return [paths[b] for b in sorted(paths)]
-
-
-def _chunks(inputs: InputSet, columns: Sequence[str], plan: Plan, spill_dir: Path | None) -> Iterator[pa.Table]:
+def _chunks(inputs: InputSet, columns: Sequence[str], plan: Plan) -> Iterator[pa.Table]:
     if plan.mode == "whole":
         batches = list(read_batches(inputs, columns, max(plan.chunk_rows, 1)))
         if batches:
             yield pa.Table.from_batches(batches)
-    elif plan.mode == "stream":
+    else:
         for batch in read_batches(inputs, columns, plan.chunk_rows):
             yield pa.Table.from_batches([batch])
-    else:
-        assert spill_dir is not None
-        for path in _spill(inputs, columns, plan, spill_dir):
-            with reading(path):
-                table = pq.read_table(path)
-            path.unlink()
-            yield table
 
 
 # ============================================================================ predict and write
@@ -207,6 +153,16 @@ def _output_schema(inputs: InputSet, keys: Sequence[str], spread: bool = False) 
     return pa.schema([*(pa.field(k, inputs.schema.field(k).type) for k in keys),
                       pa.field("prediction", pa.float64()),
                       *([pa.field("spread", pa.float64())] if spread else [])])
+
+
+def _with_calendar(predictor: Predictor, model: str, calendar: str | Path) -> Predictor:
+    """The predictor with the calendar file's events laid over its bundle's calendar."""
+    if not isinstance(predictor, TabularPredictor) or not predictor.calendar_columns:
+        raise DataError(f"--calendar {calendar}: model {model} reads no event calendar (a {predictor.kind} "
+                        "model without event features)")
+    predictor = predictor.with_calendar_file(calendar)
+    log.info("event calendar %s laid over the bundle's: %s", calendar, predictor.calendar_info())
+    return predictor
 
 
 def _check_uncertainty(predictor: Predictor, model: str) -> None:
@@ -256,12 +212,16 @@ def score_file(
     track: bool = True,
     submission_csv: str | Path | None = None,
     drift_rows: int = 5000,
+    calendar: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score a Parquet/CSV file or directory with any model URI -> Parquet of key columns + `prediction`.
 
     With `uncertainty` a tabular model whose bundle carries a spread forest adds `spread`: the std of
     its trees' predictions on the model's target scale (Rossmann: log(Sales)), 0 for closed stores.
     With `submission_csv` a tabular model also writes `<id columns>,<target>` (Kaggle: Id,Sales).
+    With `calendar` (CSV/Parquet in the test.csv layout) a tabular model's event features read the
+    file's known future events laid over the bundle's calendar; a bad file is a DataError naming
+    the file, column and line, raised before anything is written.
     Raises DataError (CLI exit 2) for bad input, a locked/unwritable output, an unreachable tracking
     server or, with `fail_on_drift`, drift; nothing is published then.
     """
@@ -278,14 +238,16 @@ def score_file(
                    pipeline="batch-score") as run:
         return _score(model, uri, in_path, out, sub, run, quiet=quiet, max_drift_auc=max_drift_auc,
                       fail_on_drift=fail_on_drift, batch_rows=batch_rows, drift_rows=drift_rows,
-                      uncertainty=uncertainty)
+                      uncertainty=uncertainty, calendar=calendar)
 
 
 def _score(model: str, uri: ModelUri, in_path: Path, out: Path, sub: Path | None, run: Any, *,
            quiet: bool, max_drift_auc: float, fail_on_drift: bool, batch_rows: int,
-           drift_rows: int, uncertainty: bool = False) -> dict[str, Any]:
+           drift_rows: int, uncertainty: bool = False, calendar: str | Path | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     predictor = load_predictor(uri)
+    if calendar is not None:
+        predictor = _with_calendar(predictor, model, calendar)
     if uncertainty:
         _check_uncertainty(predictor, model)
     inputs = open_inputs(in_path, _string_fields(predictor))
@@ -302,7 +264,8 @@ def _score(model: str, uri: ModelUri, in_path: Path, out: Path, sub: Path | None
                          "model_run_id": source["run_id"], "model_kind": predictor.kind, "input": str(in_path),
                          "output": str(out), "submission_csv": str(sub) if sub else None,
                          "batch_rows": batch_rows, "chunk_mode": plan.mode, "max_drift_auc": max_drift_auc,
-                         "fail_on_drift": fail_on_drift, "uncertainty": uncertainty})
+                         "fail_on_drift": fail_on_drift, "uncertainty": uncertainty,
+                         "calendar": str(calendar) if calendar is not None else None})
     sampler = drift_sampler(predictor, plan.total_rows, drift_rows)
     sink = sampler.add if sampler is not None and sampler.active else None
     writers = [AtomicTableWriter(out, schemas[0])]
@@ -310,17 +273,11 @@ def _score(model: str, uri: ModelUri, in_path: Path, out: Path, sub: Path | None
         writers.append(AtomicTableWriter(sub, schemas[1], fmt="csv"))
     with ExitStack() as stack:
         stack.enter_context(atomic_outputs(writers))
-        spill_dir = None
-        if plan.mode == "buckets":
-            spill_dir = temp_name(out, SPILL_SUFFIX)
-            with output_errors(out):
-                spill_dir.mkdir()
-            stack.callback(shutil.rmtree, spill_dir, True)
         drift: dict[str, Any] | None = None
         n_chunks = 0
         spread_sum, spread_rows = 0.0, 0
         bar = stack.enter_context(progress(plan.total_rows, quiet, "row"))
-        for table in _chunks(inputs, columns, plan, spill_dir):
+        for table in _chunks(inputs, columns, plan):
             pred, spread = _predict_chunk(predictor, table, inputs, uncertainty, sink)
             n_chunks += 1
             if spread is not None:
@@ -344,6 +301,7 @@ def _score(model: str, uri: ModelUri, in_path: Path, out: Path, sub: Path | None
         publish(writers)
     log.info("scored %d rows in %.1f s -> %s", rows_out, seconds, out)
     return {"output": str(out), "submission_csv": str(sub) if sub else None, "model": source,
+            "calendar": str(calendar) if calendar is not None else None,
             "key_columns": keys, "chunk_mode": plan.mode, "chunks": n_chunks, "uncertainty": uncertainty,
             "run_id": run_id(run), "drift": drift,
             **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in metrics.items()}}

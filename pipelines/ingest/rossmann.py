@@ -7,7 +7,6 @@ check and the first few offending rows (CSV line numbers: the header is line 1).
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,38 +26,13 @@ ASSORTMENTS = ["a", "b", "c"]
 PROMO_INTERVALS = ["Jan,Apr,Jul,Oct", "Feb,May,Aug,Nov", "Mar,Jun,Sept,Dec"]
 MAX_SHOWN = 5
 
-# German state file names (weather/) -> state codes used by store_states.csv
-STATE_CODES = {
-    "BadenWuerttemberg": "BW", "Bayern": "BY", "Berlin": "BE", "Brandenburg": "BB",
-    "Bremen": "HB", "Hamburg": "HH", "Hessen": "HE", "MecklenburgVorpommern": "MV",
-    "Niedersachsen": "NI", "NordrheinWestfalen": "NW", "RheinlandPfalz": "RP", "Saarland": "SL",
-    "Sachsen": "SN", "SachsenAnhalt": "ST", "SchleswigHolstein": "SH", "Thueringen": "TH",
-}
-
-# Weather columns as distributed -> normalised snake_case names
-WEATHER_NAMES = {
-    "Max_TemperatureC": "max_temperature_c", "Mean_TemperatureC": "mean_temperature_c",
-    "Min_TemperatureC": "min_temperature_c", "Dew_PointC": "dew_point_c",
-    "MeanDew_PointC": "mean_dew_point_c", "Min_DewpointC": "min_dew_point_c",
-    "Max_Humidity": "max_humidity", "Mean_Humidity": "mean_humidity",
-    "Min_Humidity": "min_humidity", "Max_Sea_Level_PressurehPa": "max_sea_level_pressure_hpa",
-    "Mean_Sea_Level_PressurehPa": "mean_sea_level_pressure_hpa",
-    "Min_Sea_Level_PressurehPa": "min_sea_level_pressure_hpa",
-    "Max_VisibilityKm": "max_visibility_km", "Mean_VisibilityKm": "mean_visibility_km",
-    "Min_VisibilitykM": "min_visibility_km", "Max_Wind_SpeedKm_h": "max_wind_speed_kmh",
-    "Mean_Wind_SpeedKm_h": "mean_wind_speed_kmh", "Max_Gust_SpeedKm_h": "max_gust_speed_kmh",
-    "Precipitationmm": "precipitation_mm", "CloudCover": "cloud_cover", "Events": "events",
-    "WindDirDegrees": "wind_dir_degrees",
-}
-
-
-def _col(dtype: Any, *checks: pa.Check, nullable: bool = False, required: bool = True,
+def column(dtype: Any, *checks: pa.Check, nullable: bool = False, required: bool = True,
          unique: bool = False) -> pa.Column:
     return pa.Column(dtype, list(checks), nullable=nullable, required=required, unique=unique)
 
 
 def _binary(nullable: bool = False) -> pa.Column:
-    return _col("float64" if nullable else "int64", pa.Check.isin([0, 1]), nullable=nullable)
+    return column("float64" if nullable else "int64", pa.Check.isin([0, 1]), nullable=nullable)
 
 
 def _dayofweek_matches_date(df: pd.DataFrame) -> pd.Series:
@@ -75,9 +49,9 @@ WIDE_CHECK_COLUMNS = {"DayOfWeek_matches_Date": ["Date", "DayOfWeek"]}
 
 def _day_columns(date_nullable: bool = False) -> dict[str, pa.Column]:
     return {
-        "Store": _col("int64", pa.Check.ge(1)),
-        "DayOfWeek": _col("int64", pa.Check.isin(list(range(1, 8)))),
-        "Date": _col("datetime64[ns]", nullable=date_nullable),
+        "Store": column("int64", pa.Check.ge(1)),
+        "DayOfWeek": column("int64", pa.Check.isin(list(range(1, 8)))),
+        "Date": column("datetime64[ns]", nullable=date_nullable),
     }
 
 
@@ -85,7 +59,7 @@ def _calendar_columns(open_nullable: bool) -> dict[str, pa.Column]:
     return {
         "Open": _binary(nullable=open_nullable),
         "Promo": _binary(),
-        "StateHoliday": _col(str, pa.Check.isin(STATE_HOLIDAYS)),
+        "StateHoliday": column(str, pa.Check.isin(STATE_HOLIDAYS)),
         "SchoolHoliday": _binary(),
     }
 
@@ -93,40 +67,47 @@ def _calendar_columns(open_nullable: bool) -> dict[str, pa.Column]:
 TRAIN_SCHEMA = pa.DataFrameSchema(
     {
         **_day_columns(),
-        "Sales": _col("int64", pa.Check.ge(0)),
-        "Customers": _col("int64", pa.Check.ge(0)),
+        "Sales": column("int64", pa.Check.ge(0)),
+        "Customers": column("int64", pa.Check.ge(0)),
         **_calendar_columns(open_nullable=False),
     },
     unique=["Store", "Date"], checks=[DOW_CHECK], coerce=True, name="train",
 )
 
 TEST_SCHEMA = pa.DataFrameSchema(
-    {"Id": _col("int64", unique=True), **_day_columns(), **_calendar_columns(open_nullable=True)},
+    {"Id": column("int64", unique=True), **_day_columns(), **_calendar_columns(open_nullable=True)},
     unique=["Store", "Date"], checks=[DOW_CHECK], coerce=True, name="test",
+)
+
+# Known future events in the test.csv layout: Id, DayOfWeek and Open may be present (and are
+# checked when they are), the event columns are required.
+CALENDAR_SCHEMA = pa.DataFrameSchema(
+    {"Id": column("int64", unique=True, required=False),
+     "Store": column("int64", pa.Check.ge(1)),
+     "DayOfWeek": column("int64", pa.Check.isin(list(range(1, 8))), required=False),
+     "Date": column("datetime64[ns]"),
+     **_calendar_columns(open_nullable=True),
+     "Open": column("float64", pa.Check.isin([0, 1]), nullable=True, required=False)},
+    unique=["Store", "Date"], checks=[DOW_CHECK], coerce=True, name="calendar",
 )
 
 _opt_float = {"nullable": True}
 STORE_SCHEMA = pa.DataFrameSchema(
     {
-        "Store": _col("int64", pa.Check.ge(1), unique=True),
-        "StoreType": _col(str, pa.Check.isin(STORE_TYPES)),
-        "Assortment": _col(str, pa.Check.isin(ASSORTMENTS)),
-        "CompetitionDistance": _col("float64", pa.Check.ge(0), **_opt_float),
-        "CompetitionOpenSinceMonth": _col("float64", pa.Check.in_range(1, 12), **_opt_float),
-        "CompetitionOpenSinceYear": _col("float64", pa.Check.in_range(1900, 2100), **_opt_float),
+        "Store": column("int64", pa.Check.ge(1), unique=True),
+        "StoreType": column(str, pa.Check.isin(STORE_TYPES)),
+        "Assortment": column(str, pa.Check.isin(ASSORTMENTS)),
+        "CompetitionDistance": column("float64", pa.Check.ge(0), **_opt_float),
+        "CompetitionOpenSinceMonth": column("float64", pa.Check.in_range(1, 12), **_opt_float),
+        "CompetitionOpenSinceYear": column("float64", pa.Check.in_range(1900, 2100), **_opt_float),
         "Promo2": _binary(),
-        "Promo2SinceWeek": _col("float64", pa.Check.in_range(1, 53), **_opt_float),
-        "Promo2SinceYear": _col("float64", pa.Check.in_range(1900, 2100), **_opt_float),
-        "PromoInterval": _col(str, pa.Check.isin(PROMO_INTERVALS), **_opt_float),
+        "Promo2SinceWeek": column("float64", pa.Check.in_range(1, 53), **_opt_float),
+        "Promo2SinceYear": column("float64", pa.Check.in_range(1900, 2100), **_opt_float),
+        "PromoInterval": column(str, pa.Check.isin(PROMO_INTERVALS), **_opt_float),
     },
     coerce=True, name="store",
 )
 
-STORE_STATES_SCHEMA = pa.DataFrameSchema(
-    {"Store": _col("int64", pa.Check.ge(1), unique=True),
-     "State": _col(str, pa.Check.str_length(min_value=2))},
-    coerce=True, name="store_states",
-)
 
 
 # ---------------------------------------------------------------------------- error reporting
@@ -256,7 +237,7 @@ def _is_parquet(path: Path) -> bool:
     return path.suffix.lower() in (".parquet", ".pq")
 
 
-def _check_exists(path: Path) -> None:
+def check_exists(path: Path) -> None:
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if path.is_dir():
@@ -356,7 +337,7 @@ def _read_raw(path: Path, schema: pa.DataFrameSchema, nrows: int | None) -> pd.D
 
 def _read(path: PathLike, schema: pa.DataFrameSchema, nrows: int | None) -> pd.DataFrame:
     p = Path(path)
-    _check_exists(p)
+    check_exists(p)
     df = _read_raw(p, schema, nrows)
     label = table_row if _is_parquet(p) else csv_line
     return validate_frame(df, schema, str(p), label)
@@ -370,6 +351,26 @@ def read_train(path: PathLike, nrows: int | None = None) -> pd.DataFrame:
 def read_test(path: PathLike, nrows: int | None = None) -> pd.DataFrame:
     """Kaggle test.csv: like train without Sales/Customers, with Id; Open may be missing (NaN)."""
     return _read(path, TEST_SCHEMA, nrows)
+
+
+def read_calendar(path: PathLike, nrows: int | None = None) -> pd.DataFrame:
+    """Known future events in the test.csv layout (Store, Date, Promo, StateHoliday,
+    SchoolHoliday; Id, DayOfWeek, Open optional): typed and validated, (Store, Date) unique."""
+    return _read(path, CALENDAR_SCHEMA, nrows)
+
+
+def check_calendar(calendar: pd.DataFrame, train: pd.DataFrame, path: PathLike) -> None:
+    """The calendar read from `path` against train.csv: every Store must be one of train.csv's
+    and no event flag may contradict train.csv's row for the same (Store, Date). One DataError
+    naming the file, the column and the first lines otherwise."""
+    from modeling.features.calendar import calendar_problems, calendar_table, raise_problems
+    from pipelines.features.rossmann import EVENTS
+
+    known = calendar_table(train, "Store", "Date", EVENTS, observed=True)
+    p = Path(path)
+    label = table_row if _is_parquet(p) else csv_line
+    raise_problems(calendar_problems(known, calendar.reset_index(drop=True), "Store", "Date", EVENTS),
+                   str(p), label)
 
 
 def read_store(path: PathLike, nrows: int | None = None) -> pd.DataFrame:
@@ -388,182 +389,3 @@ def check_stores(frame: pd.DataFrame, store: pd.DataFrame, path: PathLike) -> No
 
 
 # ---------------------------------------------------------------------------- external tables
-
-
-@dataclass
-class ExternalTables:
-    """Optional external tables; a combined state code such as "HB,NI" has its own rows."""
-
-    store_states: pd.DataFrame | None = None  # Store, State
-    weather: pd.DataFrame | None = None  # State, Date, normalised weather columns
-    trends_state: pd.DataFrame | None = None  # State, week_start, week_end, trend
-    trends_de: pd.DataFrame | None = None  # week_start, week_end, trend
-
-    @property
-    def empty(self) -> bool:
-        return all(t is None for t in (self.store_states, self.weather, self.trends_state,
-                                       self.trends_de))
-
-
-def _csv(path: Path, sep: str = ",") -> pd.DataFrame:
-    _check_exists(path)
-    try:
-        df = pd.read_csv(path, sep=sep)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: file is empty") from None
-    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as err:
-        raise DataError(f"{path}: malformed CSV ({str(err).strip()})") from None
-    if len(df) == 0:
-        raise DataError(f"{path}: file has a header but no data rows")
-    return df
-
-
-def _weather_frame(df: pd.DataFrame, source: str) -> pd.DataFrame:
-    """Normalise names, coerce numbers and dates; the 'events' column stays text."""
-    require_columns(df.columns, ["Date"], source)
-    df = df.rename(columns={c: WEATHER_NAMES.get(c, _snake(c)) for c in df.columns if c != "Date"})
-    numeric = [c for c in df.columns if c not in ("Date", "events", "file", "State")]
-    schema = pa.DataFrameSchema(
-        {"Date": _col("datetime64[ns]"),
-         **{c: _col("float64", nullable=True) for c in numeric},
-         **({"events": _col(str, nullable=True)} if "events" in df.columns else {})},
-        coerce=True,
-    )
-    if "events" in df.columns:
-        df["events"] = df["events"].where(df["events"].notna() & (df["events"] != ""), np.nan)
-    return validate_frame(df, schema, source)
-
-
-def _snake(name: str) -> str:
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
-
-
-def _read_weather_dir(folder: Path) -> pd.DataFrame:
-    frames = []
-    for path in sorted(folder.glob("*.csv")):
-        if path.stem not in STATE_CODES:
-            raise DataError(f"{path}: unknown state name {path.stem!r}; expected one of "
-                            f"{', '.join(STATE_CODES)}")
-        df = _weather_frame(_csv(path, sep=";"), str(path))
-        df.insert(0, "State", STATE_CODES[path.stem])
-        frames.append(df)
-    if not frames:
-        raise DataError(f"{folder}: no weather/<StateName>.csv files")
-    return pd.concat(frames, ignore_index=True)
-
-
-def _read_weather_combined(path: Path, state_names: Path) -> pd.DataFrame:
-    """fast.ai layout: weather.csv with a 'file' column holding the state name."""
-    df = _csv(path)
-    require_columns(df.columns, ["file", "Date"], str(path))
-    names = dict(STATE_CODES)
-    if state_names.exists():
-        sn = _csv(state_names)
-        require_columns(sn.columns, ["StateName", "State"], str(state_names))
-        names.update(zip(sn["StateName"], sn["State"], strict=True))
-    unknown = sorted(set(df["file"]) - set(names))
-    if unknown:
-        raise DataError(f"{path}: column 'file' has unknown state name(s) {unknown[:MAX_SHOWN]}")
-    state = df.pop("file").map(names)
-    df = _weather_frame(df, str(path))
-    df.insert(0, "State", state.to_numpy())
-    return df
-
-
-WEEK_PATTERN = r"^\d{4}-\d{2}-\d{2} - \d{4}-\d{2}-\d{2}$"
-
-
-def _trend_frame(df: pd.DataFrame, source: str) -> pd.DataFrame:
-    """Weekly Google-trend rows -> week_start, week_end, trend."""
-    schema = pa.DataFrameSchema(
-        {"week": _col(str, pa.Check.str_matches(WEEK_PATTERN)), "trend": _col("float64")},
-        coerce=True,
-    )
-    df = validate_frame(df, schema, source)
-    return pd.DataFrame({
-        "week_start": pd.to_datetime(df["week"].str[:10]),
-        "week_end": pd.to_datetime(df["week"].str[-10:]),
-        "trend": df["trend"].to_numpy(),
-    })
-
-
-def _read_trend_file(path: Path) -> pd.DataFrame:
-    df = _csv(path)
-    if df.shape[1] < 2:
-        raise DataError(f"{path}: expected two columns (week, trend); found {list(df.columns)}")
-    df = df.iloc[:, :2].set_axis(["week", "trend"], axis=1)
-    return _trend_frame(df, str(path))
-
-
-def _trend_code(name: str) -> str | None:
-    """'Rossmann_DE_SN' -> 'SN', 'Rossmann_DE' -> None (whole country)."""
-    parts = name.split("_")
-    return parts[2] if len(parts) > 2 else None
-
-
-def _read_trends_dir(folder: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
-    states, de = [], None
-    for path in sorted(folder.glob("*.csv")):
-        code = _trend_code(path.stem)
-        df = _read_trend_file(path)
-        if code is None:
-            de = df
-        else:
-            states.append(df.assign(State=code))
-    st = pd.concat(states, ignore_index=True) if states else None
-    return _state_first(st), de
-
-
-def _read_trends_combined(path: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
-    """fast.ai layout: googletrend.csv with file, week, trend."""
-    df = _csv(path)
-    require_columns(df.columns, ["file", "week", "trend"], str(path))
-    frame = _trend_frame(df[["week", "trend"]], str(path))
-    code = df["file"].astype(str).str.split("_").str[2]
-    is_de = code.isna().to_numpy()
-    de = frame[is_de].reset_index(drop=True) if is_de.any() else None
-    st = frame[~is_de].assign(State=code[~is_de].to_numpy()).reset_index(drop=True)
-    return _state_first(st if len(st) else None), de
-
-
-def _state_first(df: pd.DataFrame | None) -> pd.DataFrame | None:
-    return None if df is None else df[["State", *[c for c in df.columns if c != "State"]]]
-
-
-def _add_combined_states(df: pd.DataFrame | None, codes: Iterable[str]) -> pd.DataFrame | None:
-    """Give a combined code like "HB,NI" the rows of its last listed state that has data (NI)."""
-    if df is None:
-        return None
-    have = set(df["State"])
-    extra = []
-    for code in codes:
-        if code in have:
-            continue
-        parts = [p for p in code.split(",") if p in have]
-        if parts:
-            extra.append(df[df["State"] == parts[-1]].assign(State=code))
-    return pd.concat([df, *extra], ignore_index=True) if extra else df
-
-
-def read_external(folder: PathLike) -> ExternalTables:
-    """Read store_states, weather and Google trends; missing tables are None, bad ones DataError."""
-    d = Path(folder)
-    if not d.is_dir():
-        raise DataError(f"{d}: external-data directory not found")
-    tables = ExternalTables()
-    if (d / "store_states.csv").exists():
-        p = d / "store_states.csv"
-        tables.store_states = validate_frame(_csv(p), STORE_STATES_SCHEMA, str(p))
-    if (d / "weather").is_dir():
-        tables.weather = _read_weather_dir(d / "weather")
-    elif (d / "weather.csv").exists():
-        tables.weather = _read_weather_combined(d / "weather.csv", d / "state_names.csv")
-    if (d / "googletrend").is_dir():
-        tables.trends_state, tables.trends_de = _read_trends_dir(d / "googletrend")
-    elif (d / "googletrend.csv").exists():
-        tables.trends_state, tables.trends_de = _read_trends_combined(d / "googletrend.csv")
-    if tables.store_states is not None:
-        combined = [c for c in tables.store_states["State"].unique() if "," in c]
-        tables.weather = _add_combined_states(tables.weather, combined)
-        tables.trends_state = _add_combined_states(tables.trends_state, combined)
-    return tables

@@ -112,6 +112,8 @@ class RossmannConfig:
     # Google Trends columns are joined either way; as inputs they drift with time.
     trends: bool = opt(False, "Use the Google Trends columns as inputs (off: they drift with time).")
     valid_days: int = opt(42, "Last N days of train.csv are the validation set.")
+    calendar: str | None = opt(None, "Known future events (test.csv layout: Store, Date, Promo, StateHoliday, "
+                                     "SchoolHoliday) added to the bundle's event calendar.")
     epochs: int | str = opt(AUTO, "Training epochs (one-cycle), or 'auto': enough epochs for --steps optimizer "
                                   "steps, at least --min-epochs.")
     lr: str = opt("auto", LR_HELP)

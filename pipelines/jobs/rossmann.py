@@ -53,7 +53,14 @@ from pipelines.features.rossmann import (
     split_by_days,
     training_rows,
 )
-from pipelines.ingest.rossmann import check_stores, read_external, read_store, read_train
+from pipelines.ingest.external import read_external
+from pipelines.ingest.rossmann import (
+    check_calendar,
+    check_stores,
+    read_calendar,
+    read_store,
+    read_train,
+)
 from pipelines.jobs.base import (
     BundleParts,
     Checks,
@@ -212,9 +219,13 @@ def prepare(cfg: RossmannConfig) -> PreparedData:
     external = read_external(cfg.external_dir) if cfg.external_dir else None
     if external is not None and external.empty:
         raise DataError(f"--external-dir {cfg.external_dir}: no external tables found there")
+    calendar = None
+    if cfg.calendar:  # known future events: checked against train.csv, then added to the calendar
+        calendar = read_calendar(cfg.calendar)
+        check_calendar(calendar, train_raw, cfg.calendar)
     log.info("engineering features for %d rows%s", len(train_raw), " with external tables" if external else "")
     pipeline = build_feature_pipeline(store, external)
-    feats = pipeline.fit_transform(train_raw)
+    feats = pipeline.fit_transform(train_raw, calendar=calendar)
     rows = training_rows(feats)
     if len(rows) == 0:
         raise DataError(f"{cfg.train}: no open days with Sales > 0 to train on")
@@ -226,7 +237,7 @@ def prepare(cfg: RossmannConfig) -> PreparedData:
     train = _tensors(proc, tr_rows)
     valid = _tensors(proc, va_rows)
     raw_valid = va_rows[[c for c in RAW_COLUMNS if c in va_rows.columns]].reset_index(drop=True)
-    files = [cfg.train, cfg.store]
+    files = [cfg.train, cfg.store, *([cfg.calendar] if cfg.calendar else [])]
     log.info("training rows %d, validation rows %d (last %d days), %d categorical + %d continuous inputs",
              len(train), len(valid), cfg.valid_days, len(proc.cat_names_out), len(proc.cont_names))
     return PreparedData(proc, pipeline, tr_rows, va_rows, train, valid, cats, conts, raw_valid, files)
