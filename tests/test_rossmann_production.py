@@ -182,18 +182,36 @@ def test_auto_epochs_and_batch_size_follow_the_data_size():
     assert (fixed.epochs, fixed.batch_size) == (7, 256)
 
 
-def test_auto_epochs_in_a_run_follow_the_step_budget(data, tmp_path):
-    res, db = _cli(data, tmp_path, "--steps", "40", "--min-epochs", "1", "--layers", "16", "--ensemble", "1",
+@pytest.fixture(scope="module")
+def bigger(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Synthetic data ~7x the size of `data` (the step budget must give it fewer epochs)."""
+    from pipelines.synth import write_rossmann
+
+    return write_rossmann(tmp_path_factory.mktemp("ross_big") / "d", stores=40, days=300, seed=4)
+
+
+@pytest.mark.parametrize("which", ["data", "bigger"])
+def test_auto_epochs_in_a_run_follow_the_step_budget(request, tmp_path, which):
+    """The same step budget on two data sizes: each run trains ceil(steps / steps-per-epoch) epochs
+    at the batch size 'auto' picks for its rows, so both see about the same optimizer steps."""
+    files = request.getfixturevalue(which)
+    res, db = _cli(files, tmp_path, "--steps", "100", "--min-epochs", "1", "--layers", "16", "--ensemble", "1",
                    "--no-refit", "--lr", "3e-3")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    n_train = int(MlflowClient(f"sqlite:///{db}").get_run(out["run_id"]).data.params["n_train"])
+    client = MlflowClient(f"sqlite:///{db}")
+    params = client.get_run(out["run_id"]).data.params
+    n_train = int(params["n_train"])
     bs = out["config"]["batch_size"]
     assert bs == auto_batch_size(n_train)
-    assert out["config"]["epochs"] == math.ceil(40 / math.ceil(n_train / bs))
-    params = MlflowClient(f"sqlite:///{db}").get_run(out["run_id"]).data.params
+    per_epoch = math.ceil(n_train / bs)
+    epochs = out["config"]["epochs"]
+    assert epochs == math.ceil(100 / per_epoch)
+    assert 100 <= epochs * per_epoch < 100 + per_epoch  # the budget, overshot by less than one epoch
     assert params["epochs_requested"] == "auto" and params["batch_size_requested"] == "auto"
-    assert len(MlflowClient(f"sqlite:///{db}").get_metric_history(out["run_id"], "rmspe")) == out["config"]["epochs"]
+    assert len(client.get_metric_history(out["run_id"], "rmspe")) == epochs
+    # the small set needs several epochs for the budget, the larger one fewer
+    assert (epochs > 3) if which == "data" else (epochs <= 3 and n_train > 5 * 1_000)
 
 
 def _cli(data: dict, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
@@ -202,7 +220,7 @@ def _cli(data: dict, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedP
     res = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "train", "rossmann", "--train", str(data["train.csv"]), "--store",
          str(data["store.csv"]), "--json", "--quiet", *extra],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900,
     )
     return res, db
 
