@@ -91,6 +91,18 @@ def forward_chunks(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarra
     return out
 
 
+def forward_members(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray]) -> np.ndarray:
+    """Each model's output over pre-built arrays, [len(models), n] (one vectorized pass per model)."""
+    n = len(inputs[0])
+    out = np.zeros((len(models), n), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, n, PREDICT_CHUNK):
+            parts = [torch.from_numpy(np.ascontiguousarray(a[start : start + PREDICT_CHUNK])) for a in inputs]
+            for j, m in enumerate(models):
+                out[j, start : start + PREDICT_CHUNK] = m(*parts).float().numpy().reshape(-1)
+    return out
+
+
 class TabularPredictor(Predictor):
     kind = "tabular"
     spec: TabularSpec
@@ -158,6 +170,33 @@ class TabularPredictor(Predictor):
         DataError when the bundle has no forest."""
         pred, spread = self._predict(df, source, self.forest(), on_features)
         assert spread is not None
+        return pred, spread
+
+    @property
+    def n_members(self) -> int:
+        """Networks averaged per prediction (1 for a single model, N for an ensemble bundle)."""
+        return len(self.networks)
+
+    def predict_with_member_spread(self, df: pd.DataFrame, source: str = "request",
+                                   on_features: FeaturesSink | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(prediction, spread) for an ensemble bundle: the prediction is the same as `predict` (the
+        members' mean on the model scale), the spread is the std of the members' outputs on that scale
+        (log(Sales) for a log target), 0 where a zero_when rule answers. DataError for a single network."""
+        if self.n_members < 2:
+            raise DataError(f"model {self.source.uri}: a members' spread needs an ensemble bundle (this one has "
+                            "one network); train with --ensemble N (N >= 2)")
+        if len(df) == 0:
+            return np.empty(0, dtype=np.float64), np.empty(0, dtype=np.float64)
+        feats = self.engineer(df, source)
+        fixed = self.fixed_rows(feats)
+        if on_features is not None:
+            on_features(feats, fixed)
+        outs = forward_members(self.networks, self.processor.transform(feats)).astype(np.float64)
+        raw = outs.mean(axis=0)
+        pred = np.exp(raw) if self.target_transform == "log" else raw
+        spread = outs.std(axis=0)
+        pred[fixed] = 0.0
+        spread[fixed] = 0.0
         return pred, spread
 
     def drift_reference(self) -> tuple[np.ndarray, np.ndarray] | None:

@@ -253,9 +253,15 @@ def train_rossmann_cmd(
     trends: Annotated[bool, _opt(Ross, "trends")] = Ross.trends,
     valid_days: Annotated[int, _opt(Ross, "valid_days", min=1)] = Ross.valid_days,
     calendar: Annotated[str | None, _opt(Ross, "calendar")] = Ross.calendar,
-    epochs: Annotated[int, _opt(Ross, "epochs", min=1)] = Ross.epochs,
+    epochs: Annotated[str, _opt(Ross, "epochs")] = str(Ross.epochs),
     lr: Annotated[str, _opt(Ross, "lr")] = Ross.lr,
-    batch_size: Annotated[int, _opt(Ross, "batch_size", min=2)] = Ross.batch_size,
+    batch_size: Annotated[str, _opt(Ross, "batch_size")] = str(Ross.batch_size),
+    steps: Annotated[int, _opt(Ross, "steps", min=1)] = Ross.steps,
+    min_epochs: Annotated[int, _opt(Ross, "min_epochs", min=1)] = Ross.min_epochs,
+    ensemble: Annotated[int, _opt(Ross, "ensemble", min=1)] = Ross.ensemble,
+    ensemble_kind: Annotated[str, _opt(Ross, "ensemble_kind")] = Ross.ensemble_kind,
+    cycle_epochs: Annotated[str, _opt(Ross, "cycle_epochs")] = str(Ross.cycle_epochs),
+    refit: Annotated[bool, _opt(Ross, "refit", "--refit/--no-refit")] = Ross.refit,
     layers: Annotated[str, _opt(Ross, "layers")] = _layers_text(Ross.layers),
     wd: Annotated[float, _opt(Ross, "wd", min=0.0)] = Ross.wd,
     seed: SeedOpt = Ross.seed,
@@ -269,10 +275,10 @@ def train_rossmann_cmd(
     """Train the entity-embedding TabularModel on Rossmann data, with forest checks."""
     from pipelines.jobs.rossmann import train_rossmann
 
-    cfg = dict(train=train, store=store, external_dir=external_dir, trends=trends, valid_days=valid_days,
-               calendar=calendar, epochs=epochs,
-               lr=lr, batch_size=batch_size, layers=_parse_layers(layers), wd=wd, seed=seed,
-               experiment=experiment, register=register, force=force, quiet=quiet)
+    cfg = dict(train=train, store=store, external_dir=external_dir, trends=trends, valid_days=valid_days, calendar=calendar,
+               epochs=epochs, lr=lr, batch_size=batch_size, steps=steps, min_epochs=min_epochs, ensemble=ensemble,
+               ensemble_kind=ensemble_kind, cycle_epochs=cycle_epochs, refit=refit, layers=_parse_layers(layers),
+               wd=wd, seed=seed, experiment=experiment, register=register, force=force, quiet=quiet)
     _run_train(ctx, lambda: train_rossmann(RossmannConfig(**cfg)), as_json, quiet, nproc)
 
 
@@ -296,7 +302,7 @@ def lr_find_rossmann(
     external_dir: Annotated[str | None, _opt(Ross, "external_dir")] = Ross.external_dir,
     trends: Annotated[bool, _opt(Ross, "trends")] = Ross.trends,
     valid_days: Annotated[int, _opt(Ross, "valid_days", min=1)] = Ross.valid_days,
-    batch_size: Annotated[int, _opt(Ross, "batch_size", min=2)] = Ross.batch_size,
+    batch_size: Annotated[str, _opt(Ross, "batch_size")] = str(Ross.batch_size),
     layers: Annotated[str, _opt(Ross, "layers")] = _layers_text(Ross.layers),
     wd: Annotated[float, _opt(Ross, "wd", min=0.0)] = Ross.wd,
     seed: SeedOpt = Ross.seed,
@@ -311,6 +317,7 @@ def lr_find_rossmann(
         cfg = RossmannConfig(train=train, store=store, external_dir=external_dir, trends=trends,
                              valid_days=valid_days, batch_size=batch_size, layers=_parse_layers(layers), wd=wd, seed=seed,
                              quiet=quiet)
+        cfg.validate()
         return _finder_result(find_lr(cfg, prepare(cfg)), plot)
 
     _run(body, as_json, quiet)

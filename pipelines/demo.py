@@ -33,10 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     rat = write_ratings(out / "ratings", users=943, items=1682, ratings=100_000, seed=args.seed)
 
     print("[3/4] training the Rossmann demo model (entity embeddings + forest checks)", file=sys.stderr)
+    # the defaults: batch size and epochs follow the data size (34k rows: small batches, more epochs)
     r1 = train_rossmann(RossmannConfig(train=str(ross["train.csv"]), store=str(ross["store.csv"]),
-                                       # 34k training rows are ~66 batches an epoch: small data
-                                       # needs more epochs than the default 4 (tuned on 804k rows)
-                                       epochs=12, seed=args.seed, register="rossmann", force=True))
+                                       seed=args.seed, register="rossmann", force=True))
     print("[4/4] training the ratings demo model (dot product + biases)", file=sys.stderr)
     r2 = train_ratings(RatingsConfig(ratings=str(rat["u.data"]), items=str(rat["movies.csv"]),
                                      seed=args.seed, register="ratings", force=True))

@@ -168,10 +168,14 @@ def epoch_metric_name(key: str) -> str:
 
 class MLflowEpochLogger(Callback):
     """Per-epoch train/valid loss, validation metrics, lr and seconds as `epoch/...` metrics with
-    step = epoch, so the history never sits beside (or shadows) a final figure of the same name."""
+    step = epoch, so the history never sits beside (or shadows) a final figure of the same name.
+    A prefix keeps a second training's history apart (the refit's `refit/epoch/...`)."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
 
     def on_epoch_end(self, trainer: Any, epoch: int, logs: dict[str, Any]) -> None:
-        log_metrics({epoch_metric_name(k): v for k, v in logs.items() if k != "epoch"}, step=epoch)
+        log_metrics({self.prefix + epoch_metric_name(k): v for k, v in logs.items() if k != "epoch"}, step=epoch)
 
 
 def log_plot(path: str | Path | None) -> None:

@@ -48,7 +48,7 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
         ross = write_rossmann(root / "rossmann", stores=12, days=300, seed=0)
         rat = write_ratings(root / "ratings", users=200, items=300, ratings=10_000, seed=0)
         r1 = train_rossmann(RossmannConfig(train=str(ross["train.csv"]), store=str(ross["store.csv"]),
-                                           epochs=2, lr="3e-3", register="rossmann", quiet=True,
+                                           epochs=2, ensemble=1, lr="3e-3", register="rossmann", quiet=True,
                                            forest_rows=5_000, forest_trees=10))
         r2 = train_ratings(RatingsConfig(ratings=str(rat["u.data"]), items=str(rat["movies.csv"]),
                                          epochs=3, lr="1e-2", batch_size=256, register="ratings", quiet=True))

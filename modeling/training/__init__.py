@@ -1,8 +1,8 @@
 """Training engine: TensorData, Trainer/fit, schedules, AdamW with discriminative lrs, lr finder,
-DistributedDataParallel under torchrun (`distributed`)."""
+DistributedDataParallel under torchrun (`distributed`), ensembles of seeds or snapshots (`ensemble`)."""
 
 from modeling.training import callbacks, distributed
-from modeling.training.callbacks import Callback, EarlyStopping, History, ProgressBar
+from modeling.training.callbacks import Callback, EarlyStopping, History, ProgressBar, Snapshots
 from modeling.training.data import TensorData, batches
 from modeling.training.lr_finder import LRFinderResult, lr_find
 from modeling.training.optim import freeze, make_optimizer, spread_lrs, unfreeze
@@ -16,6 +16,7 @@ __all__ = [
     "LRFinderResult",
     "ProgressBar",
     "Schedule",
+    "Snapshots",
     "TensorData",
     "Trainer",
     "batches",

@@ -13,7 +13,7 @@ import torch
 if TYPE_CHECKING:
     from modeling.training.trainer import Trainer
 
-__all__ = ["Callback", "EarlyStopping", "History", "ProgressBar"]
+__all__ = ["Callback", "EarlyStopping", "History", "ProgressBar", "Snapshots"]
 
 
 class Callback:
@@ -131,6 +131,25 @@ class EarlyStopping(Callback):
     def on_fit_end(self, trainer: Trainer) -> None:
         if self.restore_best and self._best_state is not None:
             trainer.model.load_state_dict(self._best_state)
+
+
+class Snapshots(Callback):
+    """Copies of the model's weights at the end of chosen epochs (1-based epoch counts, e.g. the
+    cycle ends of a `restarts` schedule): the members of a snapshot ensemble. Nothing is chosen
+    by a metric: every listed epoch is kept, in order, on the CPU."""
+
+    def __init__(self, at_epochs: list[int] | tuple[int, ...]) -> None:
+        self.at_epochs = sorted({int(e) for e in at_epochs})
+        self.states: list[dict[str, torch.Tensor]] = []
+        self.epochs: list[int] = []
+
+    def on_fit_begin(self, trainer: Trainer) -> None:
+        self.states, self.epochs = [], []
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, logs: dict[str, float]) -> None:
+        if epoch + 1 in self.at_epochs:
+            self.states.append({k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()})
+            self.epochs.append(epoch + 1)
 
 
 class ProgressBar(Callback):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["Schedule", "constant", "make_schedule", "one_cycle", "sgdr", "SCHEDULES"]
+__all__ = ["Schedule", "constant", "cycle_ends", "make_schedule", "one_cycle", "restarts", "sgdr", "SCHEDULES"]
 
 LR = float | Sequence[float]
 
@@ -78,6 +79,46 @@ def sgdr(
     return _scale(lr_max, lambda v: lr_min + (v - lr_min) * (1.0 + math.cos(math.pi * frac)) / 2.0)
 
 
+def cycle_ends(cycles: Sequence[int]) -> list[int]:
+    """Epoch counts at which each cycle of `restarts` ends ([3, 1, 1] -> [3, 4, 5])."""
+    ends, total = [], 0
+    for c in cycles:
+        total += int(c)
+        ends.append(total)
+    return ends
+
+
+def restarts(
+    step: int,
+    steps_per_epoch: int,
+    lr_max: LR,
+    cycles: Sequence[int] = (1,),
+    pct_start: float = 0.25,
+    restart_pct_start: float | None = None,
+    div: float = 25.0,
+    div_final: float = 1e5,
+    moms: tuple[float, float, float] = (0.95, 0.85, 0.95),
+) -> tuple[float | list[float], float]:
+    """One-cycle with warm restarts: cycle i is a `one_cycle` over `cycles[i]` whole epochs.
+
+    Each cycle ends annealed (lr_max/div_final), so the weights at a cycle's end are a finished
+    model: a snapshot ensemble averages them. The first cycle is exactly `one_cycle` over
+    cycles[0] epochs (a one-member run equals a plain one-cycle run); later cycles warm up over
+    `restart_pct_start` of their steps (default: pct_start). Past the last cycle the lr stays at
+    the final value.
+    """
+    if steps_per_epoch < 1 or not cycles or min(cycles) < 1:
+        raise ValueError(f"restarts needs steps_per_epoch >= 1 and cycles of >= 1 epoch, got {list(cycles)}")
+    pos = step
+    for i, c in enumerate(cycles):
+        n = int(c) * steps_per_epoch
+        if pos < n or i == len(cycles) - 1:
+            pct = pct_start if i == 0 or restart_pct_start is None else restart_pct_start
+            return one_cycle(min(pos, n - 1), n, lr_max, pct_start=pct, div=div, div_final=div_final, moms=moms)
+        pos -= n
+    raise AssertionError("unreachable")
+
+
 def constant(step: int, lr_max: LR) -> float | list[float]:
     """The same lr at every step."""
     return _scale(lr_max, lambda v: v)
@@ -103,9 +144,9 @@ def make_schedule(
     lr_max: LR,
     total_steps: int,
     steps_per_epoch: int | None = None,
-    **kwargs: float,
+    **kwargs: Any,
 ) -> Schedule:
-    """Bind a named schedule ("one_cycle" | "sgdr" | "constant") to one run's lrs and length."""
+    """Bind a named schedule ("one_cycle" | "sgdr" | "restarts" | "constant") to one run's lrs and length."""
     lrs = (float(lr_max),) if isinstance(lr_max, int | float) else tuple(float(v) for v in lr_max)
     lr_arg = list(lrs)
     spe = steps_per_epoch or total_steps
@@ -119,6 +160,11 @@ def make_schedule(
 
         def fn(step: int) -> tuple[float | list[float], float | None]:
             return sgdr(step, spe, lr_arg, **kwargs), None
+    elif name == "restarts":
+        _ = restarts(0, spe, lr_arg, **kwargs)
+
+        def fn(step: int) -> tuple[float | list[float], float | None]:
+            return restarts(step, spe, lr_arg, **kwargs)
     elif name == "constant":
         if kwargs:
             raise TypeError(f"constant schedule takes no options, got {sorted(kwargs)}")
@@ -130,4 +176,4 @@ def make_schedule(
     return Schedule(name=name, lr_max=lrs, fn=fn)
 
 
-SCHEDULES = ("one_cycle", "sgdr", "constant")
+SCHEDULES = ("one_cycle", "sgdr", "restarts", "constant")

@@ -2,20 +2,26 @@
 
 `run_job(job)` is a template method. It owns the stages every training shares, in this order:
 
-1. validate the config, `job.prepare()` the data (before any run exists: bad input leaves no run);
+1. validate the config, `job.prepare()` the data (before any run exists: bad input leaves no run),
+   `job.resolve()` the options that depend on the data (e.g. epochs "auto");
 2. open the MLflow run (tags: pipeline, data fingerprint, git commit), log every config value
    plus `job.params()` as params and `job.datasets()` as the run's inputs (train, valid);
 3. `torch.manual_seed(seed)`, then `job.build_model()`;
 4. with `--lr auto`, the lr finder on `job.finder_model(model)` (a deepcopy is trained, the
    model itself is untouched); rank 0 runs it and broadcasts the value;
-5. `Trainer.fit` with `job.epoch_metrics`, the per-epoch MLflow logger (`epoch/...` history)
-   and `job.callbacks()`;
+5. `job.fit_networks` (by default one `Trainer.fit` with `job.epoch_metrics`, the per-epoch MLflow
+   logger (`epoch/...` history) and `job.callbacks()`; a job may train several networks, e.g. an
+   ensemble);
+5b. refit: when `job.refit_rows()` gives rows (train + valid), the same `fit_networks` again on
+   them, from the same seed, with the same lr and settings and no validation set (its history
+   as `refit/epoch/...`); the refit's networks are the ones logged, the validation run's are
+   the ones measured;
 6. `job.evaluate(fit)` (the model's metrics), `job.checks(fit)` (forest checks: metrics, a JSON
    report, plots), log them; learning curves, `job.plots(fit)` and `job.analysis(fit, checks, metrics)`
    (the analyst's plots and tables: partial dependence, error breakdowns);
-7. `job.bundle(...)`: the typed spec, networks, extras and features; save and log the bundle;
-   the run's description (headline metric against `job.baselines` and the current champion,
-   the data, the plots to open first);
+7. `job.bundle(...)`: the typed spec, networks (`fit.logged`), extras and features; save and log
+   the bundle; the run's description (headline metric against `job.baselines` and the current
+   champion, the data, the plots to open first);
 8. registration on `job.target_metric` (alias `champion` only when better, or `--force`),
    after the run has ended, with the decision written into the model version's description
    and, on the finished run, into its description; the result dict the CLI prints with
@@ -55,6 +61,7 @@ from modeling.training import (
     distributed,
     lr_find,
 )
+from modeling.training.ensemble import predict_mean
 from pipelines import reports, run_notes, tracking
 from pipelines.datasets import DataInput
 from pipelines.jobs.config import TrainingOptions
@@ -71,8 +78,23 @@ class Prepared(Protocol):
 
 
 @dataclass
+class Trained:
+    """What one `fit_networks` call produced: its networks (the model first, then any ensemble
+    members, averaged by the predictor) and the history of the first network's training."""
+
+    networks: list[nn.Module]
+    history: History
+    seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Fitted:
-    """A trained model and what the later stages need of its training."""
+    """A trained model and what the later stages need of its training.
+
+    `model`, `networks`, `history` and `valid_pred` come from the validation run (weights that never
+    saw the validation rows); `refit`, when set, holds the networks trained afterwards on all rows,
+    which are the ones logged (`logged`)."""
 
     model: nn.Module
     history: History
@@ -80,6 +102,18 @@ class Fitted:
     train_seconds: float
     valid_pred: np.ndarray  # the model's predictions on the validation set (training target scale)
     tmp: Path  # scratch directory of the run: plots and the bundle are written here
+    networks: list[nn.Module] = field(default_factory=list)  # validation run's networks (default: [model])
+    refit: Trained | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # the validation run's `Trained.info`
+
+    def __post_init__(self) -> None:
+        if not self.networks:
+            self.networks = [self.model]
+
+    @property
+    def logged(self) -> list[nn.Module]:
+        """The networks the bundle carries: the refit's when there is one."""
+        return self.refit.networks if self.refit is not None else self.networks
 
 
 @dataclass
@@ -162,6 +196,28 @@ class TrainingJob(ABC, Generic[ConfigT, DataT]):
     def callbacks(self) -> list[Callback]:
         return []
 
+    def resolve(self) -> None:
+        """Settle options that depend on the prepared data (e.g. epochs or batch size "auto") in
+        `self.cfg`, before anything is logged; by default nothing to settle."""
+
+    def fit_networks(self, model: nn.Module, lr: float, train: TensorData, valid: TensorData | None,
+                     callbacks: list[Callback]) -> Trained:
+        """Train `model` (built right after seeding) on `train`, validating on `valid` when given.
+
+        The default is one `Trainer.fit`; a job may train more networks (an ensemble). Called once
+        for the validation run and, for a refit, once more on all rows with `valid=None`."""
+        cfg = self.cfg
+        trainer = Trainer(model, metrics=self.epoch_metrics if valid is not None else {}, lr=lr, wd=cfg.wd,
+                          batch_size=cfg.batch_size, seed=cfg.seed, quiet=cfg.quiet or not distributed.current().is_main,
+                          callbacks=[*callbacks, *(self.callbacks() if valid is not None else [])])
+        t0 = time.perf_counter()
+        history = trainer.fit(train, valid, epochs=cfg.epochs)
+        return Trained([model], history, time.perf_counter() - t0)
+
+    def refit_rows(self) -> TensorData | None:
+        """All rows (train + valid) for a refit after the validation run, or None: no refit (default)."""
+        return None
+
     @abstractmethod
     def evaluate(self, fit: Fitted) -> dict[str, float]:
         """The model's final metrics (include fit.train_seconds and fit.lr where they belong)."""
@@ -196,6 +252,8 @@ def run_job(job: TrainingJob[Any, Any]) -> dict[str, Any] | None:
     if rank0:
         tracking.check_tracking_reachable()  # in seconds, before minutes of data preparation
     job.data = data = job.prepare()
+    job.resolve()
+    cfg = job.cfg
     fingerprint = tracking.file_fingerprint(data.files)
     tags = {"tabrec.pipeline": job.pipeline, "data_fingerprint": fingerprint}
     if commit := tracking.git_commit():
@@ -211,25 +269,29 @@ def run_job(job: TrainingJob[Any, Any]) -> dict[str, Any] | None:
         torch.manual_seed(cfg.seed)
         model = job.build_model()
         lr, lr_plot = _resolve_lr(job, model, tmp, rank0)
-        trainer = Trainer(model, metrics=job.epoch_metrics, lr=lr, wd=cfg.wd, batch_size=cfg.batch_size,
-                          seed=cfg.seed, quiet=cfg.quiet or not rank0,
-                          callbacks=[*([tracking.MLflowEpochLogger()] if rank0 else []), *job.callbacks()])
-        log.info("training %s on %d rows (%d valid), lr %.3g, batch %d, %d epochs", type(model).__name__,
+        log.info("training %s on %d rows (%d valid), lr %.3g, batch %s, %s epochs", type(model).__name__,
                  len(data.train), len(data.valid), lr, cfg.batch_size, cfg.epochs)
-        t_fit = time.perf_counter()
-        history = trainer.fit(data.train, data.valid, epochs=cfg.epochs)
-        train_seconds = time.perf_counter() - t_fit
+        trained = job.fit_networks(model, lr, data.train, data.valid,
+                                   [tracking.MLflowEpochLogger()] if rank0 else [])
+        refit = _refit(job, lr, rank0)
+        train_seconds = trained.seconds + (refit.seconds if refit is not None else 0.0)
         if not rank0:
             return None
-        fit = Fitted(model, history, lr, train_seconds, trainer.predict(data.valid.xs).numpy(), tmp)
+        fit = Fitted(trained.networks[0], trained.history, lr, trained.seconds,
+                     predict_mean(trained.networks, data.valid.xs).numpy(), tmp, networks=trained.networks, refit=refit,
+                     info=trained.info)
         metrics = job.evaluate(fit)
+        if refit is not None:
+            metrics["refit_seconds"] = refit.seconds
+            # the logged weights are the refit's; every valid_* metric is the validation run's
+            tracking.log_params({"logged_weights": "refit", "refit_rows": refit.info["rows"]})
         log.info("valid %s %.4f after %.0f s; running the checks", job.target_metric, metrics[job.target_metric],
                  train_seconds)
         checks = job.checks(fit)
         metrics.update(checks.metrics)
         tracking.log_final_metrics(metrics)
         tracking.log_json(checks.report, "checks/forest.json")
-        curves = reports.learning_curves(history, tmp / "learning_curves.png", metric=job.curve_metric)
+        curves = reports.learning_curves(fit.history, tmp / "learning_curves.png", metric=job.curve_metric)
         analysis = job.analysis(fit, checks, metrics)
         for plot in [lr_plot, *checks.plots, curves, *job.plots(fit), *analysis.plots]:
             tracking.log_plot(plot)
@@ -267,6 +329,18 @@ def _headline(job: TrainingJob[Any, Any], metrics: dict[str, float]) -> run_note
     champion = tracking.current_champion(cfg.register, job.target_metric) if cfg.register else None
     return run_notes.Headline(job.target_metric, float(metrics[job.target_metric]), baselines,
                               champion=champion, register=cfg.register)
+
+
+def _refit(job: TrainingJob[Any, Any], lr: float, rank0: bool) -> Trained | None:
+    """The refit on all rows (`job.refit_rows()`), same seed, lr and settings; None without one."""
+    rows = job.refit_rows()
+    if rows is None:
+        return None
+    log.info("refit on all %d rows (train + valid), same settings, lr %.3g", len(rows), lr)
+    torch.manual_seed(job.cfg.seed)
+    trained = job.fit_networks(job.build_model(), lr, rows, None, [tracking.MLflowEpochLogger(prefix="refit/")] if rank0 else [])
+    trained.info["rows"] = len(rows)
+    return trained
 
 
 def _resolve_lr(job: TrainingJob[Any, Any], model: nn.Module, tmp: Path, rank0: bool) -> tuple[float, Path | None]:

@@ -12,6 +12,7 @@ once, in `check_training_options`; each config adds its domain's checks.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, Protocol
 
@@ -60,11 +61,31 @@ class TrainingOptions(Protocol):
     def validate(self) -> None: ...
 
 
-def check_training_options(cfg: TrainingOptions, min_batch_size: int = 1, why: str = "") -> None:
-    """The checks every job shares; DataError (exit 2) naming the option."""
-    if cfg.epochs < 1:
+AUTO = "auto"
+
+
+def auto_or_int(value: Any, option: str) -> int | str:
+    """'auto', or the value as an int (the CLI and the Python API may pass "4" or 4); DataError
+    naming the option otherwise."""
+    if value == AUTO:
+        return AUTO
+    try:
+        if isinstance(value, bool) or float(value) != int(float(value)):
+            raise ValueError
+        return int(float(value))
+    except (TypeError, ValueError):
+        raise DataError(f"{option} must be 'auto' or a whole number, got {value!r}") from None
+
+
+def check_training_options(cfg: TrainingOptions, min_batch_size: int = 1, why: str = "",
+                           auto: tuple[str, ...] = ()) -> None:
+    """The checks every job shares; DataError (exit 2) naming the option. Options named in `auto`
+    (e.g. "epochs", "batch_size") may also be 'auto' (settled by the job once the data is read)."""
+    epochs = auto_or_int(cfg.epochs, "--epochs") if "epochs" in auto else cfg.epochs
+    batch_size = auto_or_int(cfg.batch_size, "--batch-size") if "batch_size" in auto else cfg.batch_size
+    if epochs != AUTO and epochs < 1:
         raise DataError("--epochs must be >= 1")
-    if cfg.batch_size < min_batch_size:
+    if batch_size != AUTO and batch_size < min_batch_size:
         raise DataError(f"--batch-size must be >= {min_batch_size}{f' ({why})' if why else ''}")
     if cfg.lr != "auto":
         try:
@@ -75,6 +96,7 @@ def check_training_options(cfg: TrainingOptions, min_batch_size: int = 1, why: s
 
 
 LR_HELP = "'auto' (lr finder) or a number."
+ENSEMBLE_KINDS = ("snapshot", "seeds")  # as modeling.training.ensemble (this module imports no torch)
 WD_HELP = "AdamW decoupled weight decay."
 SEED_HELP = "Seed for every random choice."
 REGISTER_HELP = "Register as this model name."
@@ -92,9 +114,20 @@ class RossmannConfig:
     valid_days: int = opt(42, "Last N days of train.csv are the validation set.")
     calendar: str | None = opt(None, "Known future events (test.csv layout: Store, Date, Promo, StateHoliday, "
                                      "SchoolHoliday) added to the bundle's event calendar.")
-    epochs: int = opt(4, "Training epochs (one-cycle).")
+    epochs: int | str = opt(AUTO, "Training epochs (one-cycle), or 'auto': enough epochs for --steps optimizer "
+                                  "steps, at least --min-epochs.")
     lr: str = opt("auto", LR_HELP)
-    batch_size: int = opt(512, "Rows per batch.")
+    batch_size: int | str = opt(AUTO, "Rows per batch, or 'auto': scaled to the training rows "
+                                      "(rows/1600 rounded to a power of two, within 64..1024).")
+    steps: int = opt(3000, "Optimizer steps that --epochs auto aims for (the step budget).")
+    min_epochs: int = opt(4, "Fewest epochs --epochs auto gives (large data: the step budget is passed sooner).")
+    ensemble: int = opt(3, "Networks averaged in log space, stored as one bundle (1: a single network).")
+    ensemble_kind: str = opt("snapshot", "snapshot: the ends of the cycles of one run with warm restarts; "
+                                         "seeds: independent runs from seeds seed, seed+1, ...")
+    cycle_epochs: int | str = opt(AUTO, "snapshot: epochs of each cycle after the first, or 'auto' "
+                                        "(half the first cycle's epochs, at least 1).")
+    refit: bool = opt(True, "After the validation run, train the logged model on all rows (train + valid) "
+                            "with the same settings; the run keeps the validation run's metrics.")
     layers: tuple[int, ...] = opt((500, 250), "Hidden layer sizes, comma-separated.")
     ps: tuple[float, ...] = (0.001, 0.01)
     embed_p: float = 0.04
@@ -110,10 +143,26 @@ class RossmannConfig:
     quiet: bool = False
     emb_overrides: dict[str, int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # "4" (CLI text) and 4 are the same option; anything else is left for validate() to name
+        for name in ("epochs", "batch_size", "cycle_epochs"):
+            with contextlib.suppress(DataError):
+                setattr(self, name, auto_or_int(getattr(self, name), name))
+
     def validate(self) -> None:
         if self.valid_days < 1:
             raise DataError("--valid-days must be >= 1")
-        check_training_options(self, min_batch_size=2, why="BatchNorm needs two rows")
+        check_training_options(self, min_batch_size=2, why="BatchNorm needs two rows", auto=("epochs", "batch_size"))
+        if auto_or_int(self.cycle_epochs, "--cycle-epochs") != AUTO and int(self.cycle_epochs) < 1:
+            raise DataError("--cycle-epochs must be >= 1 or 'auto'")
+        if self.steps < 1:
+            raise DataError(f"--steps (the step budget) must be >= 1, got {self.steps}")
+        if self.min_epochs < 1:
+            raise DataError(f"--min-epochs must be >= 1, got {self.min_epochs}")
+        if self.ensemble < 1:
+            raise DataError(f"--ensemble must be >= 1 (networks in the ensemble), got {self.ensemble}")
+        if self.ensemble_kind not in ENSEMBLE_KINDS:
+            raise DataError(f"--ensemble-kind must be one of {ENSEMBLE_KINDS}, got {self.ensemble_kind!r}")
         if self.spread_trees < 0 or self.spread_leaves < 2:
             raise DataError("spread_trees must be >= 0 and spread_leaves >= 2")
 

@@ -8,13 +8,15 @@ TabularModel on log(Sales), forest checks, and a tabular bundle that takes raw K
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from modeling.bundle import (
     DRIFT_X_CAT,
@@ -41,7 +43,8 @@ from modeling.forest import (
 from modeling.metrics import exp_rmspe, rmspe
 from modeling.processor import TabularProcessor
 from modeling.tabular import TabularModel
-from modeling.training import Callback, EarlyStopping, LRFinderResult, TensorData
+from modeling.training import Callback, LRFinderResult, TensorData, distributed
+from modeling.training.ensemble import predict_mean, train_members
 from pipelines import reports
 from pipelines.features.rossmann import (
     build_feature_pipeline,
@@ -59,11 +62,20 @@ from pipelines.ingest.rossmann import (
     read_train,
 )
 from pipelines.jobs import analysis as views
-from pipelines.jobs.base import BundleParts, Checks, Fitted, TrainingJob, run_job, seeded_lr_find
-from pipelines.jobs.config import RossmannConfig
+from pipelines.jobs.base import (
+    BundleParts,
+    Checks,
+    Fitted,
+    Trained,
+    TrainingJob,
+    run_job,
+    seeded_lr_find,
+)
+from pipelines.jobs.config import AUTO, RossmannConfig
 
-__all__ = ["RossmannConfig", "RossmannJob", "PreparedData", "build_model", "drift_sample", "find_lr",
-           "log_rmspe", "prepare", "rmspe_metric", "run_forest_checks", "spread_forest", "train_rossmann"]
+__all__ = ["RossmannConfig", "RossmannJob", "PreparedData", "auto_batch_size", "auto_epochs", "build_model",
+           "drift_sample", "find_lr", "log_rmspe", "prepare", "resolve_options", "rmspe_metric", "run_forest_checks",
+           "spread_forest", "train_rossmann"]
 
 log = logging.getLogger("tabrec.train.rossmann")
 
@@ -113,7 +125,14 @@ class RossmannJob(TrainingJob[RossmannConfig, PreparedData]):
     def params(self) -> dict[str, Any]:
         d = self.data
         return {"n_train": len(d.train), "n_valid": len(d.valid), "cat_columns": d.cats, "cont_columns": d.conts,
-                "external": self.cfg.external_dir is not None}
+                "external": self.cfg.external_dir is not None, **self.requested}
+
+    def resolve(self) -> None:
+        self.requested = {f"{k}_requested": getattr(self.cfg, k) for k in ("epochs", "batch_size", "cycle_epochs")}
+        self.cfg = resolve_options(self.cfg, len(self.data.train))
+        log.info("batch size %d, %d epochs (%d steps an epoch)%s", self.cfg.batch_size, self.cfg.epochs,
+                 math.ceil(len(self.data.train) / self.cfg.batch_size),
+                 f", {self.cfg.ensemble} {self.cfg.ensemble_kind} members" if self.cfg.ensemble > 1 else "")
 
     def build_model(self) -> TabularModel:
         return build_model(self.cfg, self.data)
@@ -122,14 +141,51 @@ class RossmannJob(TrainingJob[RossmannConfig, PreparedData]):
     def epoch_metrics(self) -> dict[str, Any]:
         return {"rmspe": rmspe_metric}
 
-    def callbacks(self) -> list[Callback]:
-        # patience >= epochs: never stops early, but restores the best epoch's weights
-        return [EarlyStopping(monitor="rmspe", mode="min", patience=max(2, self.cfg.epochs))]
+    def fit_networks(self, model: nn.Module, lr: float, train: TensorData, valid: TensorData | None,
+                     callbacks: list[Callback]) -> Trained:
+        """The model and its ensemble members (`train_members`), each kept at the end of its schedule:
+        nothing is chosen on the validation rows."""
+        cfg = self.cfg
+        quiet = cfg.quiet or not distributed.current().is_main
+        members = train_members(
+            lambda: build_model(cfg, self.data), train, valid, members=cfg.ensemble, kind=cfg.ensemble_kind,
+            epochs=int(cfg.epochs), cycle_epochs=int(cfg.cycle_epochs), seed=cfg.seed,
+            trainer_kwargs={"lr": lr, "wd": cfg.wd, "batch_size": int(cfg.batch_size), "quiet": quiet,
+                            "metrics": self.epoch_metrics if valid is not None else {}},
+            callbacks=lambda i: callbacks if i == 0 else [])
+        return Trained(members.networks, members.history, members.seconds,
+                       {"member_seconds": members.member_seconds, "member_epochs": members.member_epochs,
+                        "epochs_trained": members.epochs_trained})
+
+    def refit_rows(self) -> TensorData | None:
+        if not self.cfg.refit:
+            return None
+        tr, va = self.data.train, self.data.valid
+        return TensorData(tuple(torch.cat([a, b]) for a, b in zip(tr.xs, va.xs, strict=True)), torch.cat([tr.y, va.y]))
 
     def evaluate(self, fit: Fitted) -> dict[str, float]:
-        return {"valid_rmspe": log_rmspe(self.data.valid.y.numpy(), fit.valid_pred),
-                "train_seconds": fit.train_seconds,
-                "seconds_per_epoch": fit.train_seconds / max(1, len(fit.history)), "lr": fit.lr}
+        """Validation figures of the validation run's final weights (the ensemble's mean), never a
+        pick among epochs; the best per-epoch figure is kept under a name that says it was selected
+        on the validation rows."""
+        y = self.data.valid.y.numpy()
+        per_epoch = [e["rmspe"] for e in fit.history if "rmspe" in e]
+        refit_seconds = fit.refit.seconds if fit.refit is not None else 0.0
+        # epochs of training in the validation run (a seeds ensemble trains each member's epochs)
+        epochs_trained = len(fit.history) * (len(fit.networks) if self.cfg.ensemble_kind == "seeds" else 1)
+        metrics = {"valid_rmspe": log_rmspe(y, fit.valid_pred),
+                   "valid_rmspe_best_epoch_selected_on_valid": min(per_epoch) if per_epoch else float("nan"),
+                   "train_seconds": fit.train_seconds + refit_seconds, "valid_run_seconds": fit.train_seconds,
+                   "seconds_per_epoch": fit.train_seconds / max(1, epochs_trained), "lr": fit.lr,
+                   "ensemble_members": float(len(fit.networks)),
+                   "epochs": float(self.cfg.epochs), "batch_size": float(self.cfg.batch_size)}
+        if len(fit.networks) > 1:
+            preds = [predict_mean([net], self.data.valid.xs).numpy() for net in fit.networks]
+            for i, p in enumerate(preds):
+                metrics[f"valid_rmspe_member_{i}"] = log_rmspe(y, p)
+            # seconds of training behind each member (snapshot: the run up to its cycle's end)
+            for i, sec in enumerate(fit.info.get("member_seconds", [])):
+                metrics[f"train_seconds_member_{i}"] = float(sec)
+        return metrics
 
     def checks(self, fit: Fitted) -> Checks:
         return run_forest_checks(self.cfg, self.data, fit.model, fit.tmp)
@@ -141,22 +197,27 @@ class RossmannJob(TrainingJob[RossmannConfig, PreparedData]):
                 *_embedding_maps(fit.model, self.data, fit.tmp)]
 
     def bundle(self, fit: Fitted, metrics: dict[str, float], fingerprint: str, run_id: str) -> BundleParts:
-        cfg, data, model = self.cfg, self.data, fit.model
+        cfg, data, networks = self.cfg, self.data, fit.logged
+        model = networks[0]
         spread_tensors, uncertainty = spread_forest(cfg, data, fit.valid_pred)
+        training = {**asdict(cfg), "logged_weights": "refit" if fit.refit is not None else "validation run",
+                    "ensemble_members": len(networks)}
         spec = TabularSpec(
-            model=ModelSpec.of(model), inputs=input_schema(), processor=data.processor.to_dict(),
+            model=ModelSpec.of(model), members=[ModelSpec.of(net, f"member{i}") for i, net in enumerate(networks[1:], 1)],
+            inputs=input_schema(), processor=data.processor.to_dict(),
             target=Target("Sales", "log"), zero_when=[ZeroRule("Open", 0)], key_columns=["Id"],
             y_range=list(model.config()["y_range"]), metrics={k: float(v) for k, v in metrics.items()},
-            data_fingerprint=fingerprint, training=asdict(cfg), run_id=run_id, uncertainty=uncertainty,
+            data_fingerprint=fingerprint, training=training, run_id=run_id, uncertainty=uncertainty,
         )
         log.info("forest baseline RMSPE %.4f, adversarial AUC %.3f; logging the model",
                  metrics["rf_valid_rmspe"], metrics["adversarial_auc"])
         example = data.raw_valid.head(5).copy()
         example["Date"] = example["Date"].dt.strftime("%Y-%m-%d")
         example["Open"] = example["Open"].astype("float64")  # test.csv has missing Open values
-        return BundleParts(spec, [model], extras={**drift_sample(data.train, cfg.seed), **spread_tensors},
+        example_pred = predict_mean(networks, tuple(x[:5] for x in data.valid.xs)).numpy()
+        return BundleParts(spec, networks, extras={**drift_sample(data.train, cfg.seed), **spread_tensors},
                            features=data.pipeline, example=example,
-                           example_pred=np.exp(fit.valid_pred[:5]).astype(np.float64))
+                           example_pred=np.exp(example_pred).astype(np.float64))
 
 
 def prepare(cfg: RossmannConfig) -> PreparedData:
@@ -197,10 +258,46 @@ def _tensors(proc: TabularProcessor, rows: pd.DataFrame) -> TensorData:
     return TensorData((torch.from_numpy(x_cat), torch.from_numpy(x_cont)), torch.from_numpy(y))
 
 
+AUTO_BATCH_ROWS = 1600  # rows per step of 'auto' batch size: 804k Kaggle rows -> 512
+AUTO_BATCH_RANGE = (64, 1024)
+
+
+def auto_batch_size(n_rows: int) -> int:
+    """n_rows / AUTO_BATCH_ROWS rounded to a power of two, within AUTO_BATCH_RANGE: the real 804k
+    rows get 512 (the batch the large-data defaults were measured at), 10k-100k rows get 64."""
+    lo, hi = AUTO_BATCH_RANGE
+    target = max(n_rows / AUTO_BATCH_ROWS, 1.0)
+    return int(min(max(2 ** round(math.log2(target)), lo), hi))
+
+
+def auto_epochs(n_rows: int, batch_size: int, steps: int, min_epochs: int) -> int:
+    """Enough epochs for `steps` optimizer steps, at least `min_epochs`."""
+    per_epoch = max(1, math.ceil(n_rows / batch_size))
+    return max(int(min_epochs), math.ceil(steps / per_epoch))
+
+
+def resolve_options(cfg: RossmannConfig, n_train: int) -> RossmannConfig:
+    """`cfg` with 'auto' batch size, epochs and cycle length settled for `n_train` training rows.
+    A refit uses these same values (same epochs: every row is seen as often as in the validation run)."""
+    bs = auto_batch_size(n_train) if cfg.batch_size == AUTO else int(cfg.batch_size)
+    epochs = auto_epochs(n_train, bs, cfg.steps, cfg.min_epochs) if cfg.epochs == AUTO else int(cfg.epochs)
+    cycle = max(1, round(epochs / 2)) if cfg.cycle_epochs == AUTO else int(cfg.cycle_epochs)
+    return replace(cfg, batch_size=bs, epochs=epochs, cycle_epochs=cycle)
+
+
+def dropouts_for(cfg: RossmannConfig) -> tuple[float, ...]:
+    """One dropout per hidden layer: cfg.ps when it matches --layers, else ps[0] for every layer but
+    the last and ps[-1] for the last (so `--layers 8` or `--layers 64,32,16` just work)."""
+    n = len(cfg.layers)
+    if len(cfg.ps) == n:
+        return tuple(cfg.ps)
+    return tuple([cfg.ps[0]] * (n - 1) + [cfg.ps[-1]]) if n else ()
+
+
 def build_model(cfg: RossmannConfig, data: PreparedData) -> TabularModel:
     y_max = float(data.train.y.max())
     emb_szs = get_emb_szs(data.processor.cardinalities, cfg.emb_overrides or None)
-    model = TabularModel(emb_szs, len(data.processor.cont_names), layers=cfg.layers, ps=cfg.ps,
+    model = TabularModel(emb_szs, len(data.processor.cont_names), layers=cfg.layers, ps=dropouts_for(cfg),
                          embed_p=cfg.embed_p, y_range=(0.0, y_max * 1.1))
     model.init_output_bias(float(data.train.y.mean()))
     return model
@@ -208,6 +305,7 @@ def build_model(cfg: RossmannConfig, data: PreparedData) -> TabularModel:
 
 def find_lr(cfg: RossmannConfig, data: PreparedData) -> LRFinderResult:
     """`tabrec lr-find rossmann`: the lr finder on the model training would build."""
+    cfg = resolve_options(cfg, len(data.train))
     return seeded_lr_find(cfg, lambda: build_model(cfg, data), data.train)
 
 
