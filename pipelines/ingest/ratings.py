@@ -9,7 +9,11 @@ the latest rating by timestamp is kept (ties: the later row) and the number drop
 logged as a warning on the ``tabrec.ingest`` logger.
 
 The frame's ``attrs`` carry ``source``, ``format``, ``rating_scale`` (the declared scale,
-else the observed min/max) and ``duplicates_dropped``.
+else the observed min/max), ``duplicates_dropped`` and ``implicit``.
+
+Interaction data (clicks, purchases: user and item columns, no rating column) is read with
+``require_rating=False``: ``rating`` is then NaN, ``attrs["implicit"]`` is True and the rating
+scale is None; duplicate (user, item) interactions count once, as for ratings.
 """
 
 from __future__ import annotations
@@ -202,31 +206,33 @@ def _pick(columns: list[str], role: str, given: str | None, path: Path,
 
 
 def _roles(columns: list[str], path: Path, user_col: str | None, item_col: str | None,
-           rating_col: str | None, time_col: str | None) -> dict[str, str]:
+           rating_col: str | None, time_col: str | None, require_rating: bool = True) -> dict[str, str]:
     found = {
         "user": _pick(columns, "user", user_col, path, True),
         "item": _pick(columns, "item", item_col, path, True),
-        "rating": _pick(columns, "rating", rating_col, path, True),
+        "rating": _pick(columns, "rating", rating_col, path, require_rating),
         "timestamp": _pick(columns, "timestamp", time_col, path, False),
     }
     return {k: v for k, v in found.items() if v is not None}
 
 
 def _raw_csv(path: Path, user_col: str | None, item_col: str | None, rating_col: str | None,
-             time_col: str | None) -> _Raw:
+             time_col: str | None, require_rating: bool = True) -> _Raw:
     line = _first_line(path)
     sep = _sniff_delimiter(line)
     header = [f.strip().strip('"') for f in line.split(sep)]
     if all(_is_number(f) for f in header):     # headerless: user, item, rating[, timestamp]
-        if not 3 <= len(header) <= 4:
-            raise DataError(f"{path}: a file without a header needs 3 or 4 columns "
-                            f"(user, item, rating[, timestamp]), line 1 has {len(header)}")
+        low = 3 if require_rating else 2       # or, for interactions, just user, item
+        if not low <= len(header) <= 4:
+            need = ("3 or 4 columns (user, item, rating[, timestamp])" if require_rating
+                    else "2 to 4 columns (user, item[, rating[, timestamp]])")
+            raise DataError(f"{path}: a file without a header needs {need}, line 1 has {len(header)}")
         names = list(COLUMNS[: len(header)])
         frame = _read_csv(path, sep=sep, header=None, names=names)
         return frame, {c: c for c in names}, 1
     frame = _read_csv(path, sep=sep, nrows=0)
     roles = _roles([str(c) for c in frame.columns], path, user_col, item_col, rating_col,
-                   time_col)
+                   time_col, require_rating)
     for encoding in ("utf-8", "latin-1"):
         try:
             # Only empty cells are missing: ids such as "NA" stay ids.
@@ -246,10 +252,10 @@ def _raw_ml_latest(path: Path) -> _Raw:
 
 
 def _raw_parquet(path: Path, user_col: str | None, item_col: str | None,
-                 rating_col: str | None, time_col: str | None) -> _Raw:
+                 rating_col: str | None, time_col: str | None, require_rating: bool = True) -> _Raw:
     try:
         columns = list(pq.read_schema(path).names)
-        roles = _roles(columns, path, user_col, item_col, rating_col, time_col)
+        roles = _roles(columns, path, user_col, item_col, rating_col, time_col, require_rating)
         frame = pd.read_parquet(path, columns=list(dict.fromkeys(roles.values())))
     except DataError:
         raise
@@ -330,7 +336,7 @@ def _timestamps(frame: pd.DataFrame, source: str | None, path: Path,
 
 
 def _drop_duplicates(df: pd.DataFrame, u_codes: np.ndarray, i_codes: np.ndarray,
-                     path: Path) -> tuple[pd.DataFrame, int]:
+                     path: Path, what: str = "rating") -> tuple[pd.DataFrame, int]:
     """Keep the latest rating per (user, item) by timestamp, then by position."""
     key = u_codes.astype(np.int64) * (int(i_codes.max()) + 1) + i_codes
     sorted_key = np.sort(key)
@@ -340,8 +346,8 @@ def _drop_duplicates(df: pd.DataFrame, u_codes: np.ndarray, i_codes: np.ndarray,
     later = pd.Series(key[order]).duplicated(keep="last").to_numpy()
     keep = np.sort(order[~later])
     dropped = len(df) - len(keep)
-    logger.warning("%s: dropped %d duplicate (user, item) rating(s), keeping the latest by "
-                   "timestamp", path, dropped)
+    logger.warning("%s: dropped %d duplicate (user, item) %s(s), keeping the latest by "
+                   "timestamp", path, dropped, what)
     return df.iloc[keep].reset_index(drop=True), dropped
 
 
@@ -349,12 +355,15 @@ def _drop_duplicates(df: pd.DataFrame, u_codes: np.ndarray, i_codes: np.ndarray,
 def read_ratings(path: str | Path, fmt: str = "auto", user_col: str | None = None,
                  item_col: str | None = None, rating_col: str | None = None,
                  time_col: str | None = None,
-                 scale: tuple[float, float] | None = None) -> pd.DataFrame:
+                 scale: tuple[float, float] | None = None,
+                 require_rating: bool = True) -> pd.DataFrame:
     """Read and validate a ratings file into user/item/rating/timestamp (see module doc).
 
     Column names apply to the csv and parquet formats (and override guessing there); the
     MovieLens layouts have fixed columns. ``scale=(lo, hi)`` rejects ratings outside it;
-    without it nothing is rejected and the observed range becomes the scale.
+    without it nothing is rejected and the observed range becomes the scale. With
+    ``require_rating=False`` a CSV/Parquet file without a rating column is read as
+    interactions (rating NaN, ``attrs["implicit"]`` True) instead of being an error.
     """
     if fmt not in RATING_FORMATS:
         raise DataError(f"unknown ratings format {fmt!r}; choose one of {RATING_FORMATS}")
@@ -369,26 +378,30 @@ def read_ratings(path: str | Path, fmt: str = "auto", user_col: str | None = Non
     elif fmt == "ml-latest":
         frame, roles, first_line = _raw_ml_latest(p)
     elif fmt == "parquet":
-        frame, roles, first_line = _raw_parquet(p, user_col, item_col, rating_col, time_col)
+        frame, roles, first_line = _raw_parquet(p, user_col, item_col, rating_col, time_col,
+                                                require_rating)
     else:
-        frame, roles, first_line = _raw_csv(p, user_col, item_col, rating_col, time_col)
+        frame, roles, first_line = _raw_csv(p, user_col, item_col, rating_col, time_col,
+                                            require_rating)
+    implicit = "rating" not in roles
 
     if first_line is not None:   # blank lines were kept so line numbers stay right; drop them
         frame = frame[frame.notna().any(axis=1).to_numpy()]
     if frame.empty:
-        raise DataError(f"{p}: no ratings in file")
+        raise DataError(f"{p}: no {'interactions' if implicit else 'ratings'} in file")
     users, u_codes = _ids(frame, roles["user"], "user", p, first_line)
     items, i_codes = _ids(frame, roles["item"], "item", p, first_line)
     df = pd.DataFrame({
         "user": users,
         "item": items,
-        "rating": _ratings(frame, roles["rating"], p, first_line, scale),
+        "rating": (np.full(len(frame), np.nan, dtype=np.float32) if implicit
+                   else _ratings(frame, roles["rating"], p, first_line, scale)),
         "timestamp": _timestamps(frame, roles.get("timestamp"), p, first_line),
     })
-    df, dropped = _drop_duplicates(df, u_codes, i_codes, p)
-    observed = (float(df["rating"].min()), float(df["rating"].max()))
-    df.attrs.update({"source": str(p), "format": fmt, "duplicates_dropped": dropped,
-                     "rating_scale": tuple(map(float, scale)) if scale else observed})
+    df, dropped = _drop_duplicates(df, u_codes, i_codes, p, "interaction" if implicit else "rating")
+    observed = None if implicit else (float(df["rating"].min()), float(df["rating"].max()))
+    df.attrs.update({"source": str(p), "format": fmt, "duplicates_dropped": dropped, "implicit": implicit,
+                     "rating_scale": tuple(map(float, scale)) if scale and not implicit else observed})
     return df
 
 

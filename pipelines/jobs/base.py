@@ -5,14 +5,18 @@
 1. validate the config, `job.prepare()` the data (before any run exists: bad input leaves no run);
 2. open the MLflow run (tags: pipeline, data fingerprint, git commit) and log every config value
    plus `job.params()` as params;
-3. `torch.manual_seed(seed)`, then `job.build_model()`;
+3. `torch.manual_seed(seed)`, then `job.build_model()` (trained with `job.objective()` when the
+   job's loss needs the model and the batch, e.g. a ranking loss);
 4. with `--lr auto`, the lr finder on `job.finder_model(model)` (a deepcopy is trained, the
    model itself is untouched); rank 0 runs it and broadcasts the value;
 5. `Trainer.fit` with `job.epoch_metrics`, the per-epoch MLflow logger and `job.callbacks()`;
+   then `job.train_heads(model)` (on every rank): further networks the bundle carries beside the
+   model, such as a ranking head, trained with the same engine (their seconds join train_seconds);
 6. `job.evaluate(fit)` (the model's metrics), `job.checks(fit)` (forest checks: metrics, a JSON
    report, plots), log them; learning curves and `job.plots(fit)`;
 7. `job.bundle(...)`: the typed spec, networks, extras and features; save and log the bundle;
-8. registration on `job.target_metric` (alias `champion` only when better, or `--force`),
+8. registration on `job.target_metric` (`job.lower_is_better`; alias `champion` only when
+   better, or `--force`),
    after the run has ended; the result dict the CLI prints with `--json` (with the effective
    config under "config").
 
@@ -45,6 +49,7 @@ from modeling.training import (
     Callback,
     History,
     LRFinderResult,
+    Objective,
     TensorData,
     Trainer,
     distributed,
@@ -72,7 +77,8 @@ class Fitted:
     history: History
     lr: float
     train_seconds: float
-    valid_pred: np.ndarray  # the model's predictions on the validation set (training target scale)
+    valid_pred: np.ndarray | None  # predictions on the validation set (training target scale); None
+    # when the model trained with an objective (a ranking loss has no per-row prediction)
     tmp: Path  # scratch directory of the run: plots and the bundle are written here
 
 
@@ -109,7 +115,8 @@ class TrainingJob(ABC, Generic[ConfigT, DataT]):
     `prepare` returned."""
 
     pipeline: ClassVar[str]  # "rossmann" | "ratings": the run's tag and the temp dir's prefix
-    target_metric: ClassVar[str]  # the validation metric registration compares (lower is better)
+    target_metric: ClassVar[str]  # the validation metric registration compares
+    lower_is_better: ClassVar[bool] = True  # the direction of target_metric
     curve_metric: ClassVar[str]  # the per-epoch metric drawn beside the losses
 
     def __init__(self, cfg: ConfigT) -> None:
@@ -142,6 +149,16 @@ class TrainingJob(ABC, Generic[ConfigT, DataT]):
 
     def callbacks(self) -> list[Callback]:
         return []
+
+    def objective(self) -> Objective | None:
+        """A loss that needs the model and the batch (a ranking loss) for the main fit, or None
+        for the Trainer's default loss on (prediction, target)."""
+        return None
+
+    def train_heads(self, model: nn.Module) -> float:
+        """Train further networks the bundle carries beside `model` (e.g. a ranking head) with the
+        same engine; runs on every rank after the main fit. Returns their training seconds."""
+        return 0.0
 
     @abstractmethod
     def evaluate(self, fit: Fitted) -> dict[str, float]:
@@ -182,15 +199,18 @@ def run_job(job: TrainingJob[Any, Any]) -> dict[str, Any] | None:
         lr, lr_plot = _resolve_lr(job, model, tmp, rank0)
         trainer = Trainer(model, metrics=job.epoch_metrics, lr=lr, wd=cfg.wd, batch_size=cfg.batch_size,
                           seed=cfg.seed, quiet=cfg.quiet or not rank0,
-                          callbacks=[*([tracking.MLflowEpochLogger()] if rank0 else []), *job.callbacks()])
+                          callbacks=[*([tracking.MLflowEpochLogger()] if rank0 else []), *job.callbacks()],
+                          objective=job.objective())
         log.info("training %s on %d rows (%d valid), lr %.3g, batch %d, %d epochs", type(model).__name__,
                  len(data.train), len(data.valid), lr, cfg.batch_size, cfg.epochs)
         t_fit = time.perf_counter()
         history = trainer.fit(data.train, data.valid, epochs=cfg.epochs)
         train_seconds = time.perf_counter() - t_fit
+        train_seconds += job.train_heads(model)
         if not rank0:
             return None
-        fit = Fitted(model, history, lr, train_seconds, trainer.predict(data.valid.xs).numpy(), tmp)
+        valid_pred = trainer.predict(data.valid.xs).numpy() if trainer.objective is None else None
+        fit = Fitted(model, history, lr, train_seconds, valid_pred, tmp)
         metrics = job.evaluate(fit)
         log.info("valid %s %.4f after %.0f s; running the checks", job.target_metric, metrics[job.target_metric],
                  train_seconds)
@@ -209,7 +229,8 @@ def run_job(job: TrainingJob[Any, Any]) -> dict[str, Any] | None:
     registered = None
     if cfg.register:
         registered = tracking.register_and_promote(logged_uri, cfg.register, job.target_metric,
-                                                   float(metrics[job.target_metric]), force=cfg.force)
+                                                   float(metrics[job.target_metric]),
+                                                   lower_is_better=job.lower_is_better, force=cfg.force)
     return {
         "run_id": run_id, "model_uri": model_uri, "registered": registered,
         "train_seconds": round(train_seconds, 3), "total_seconds": round(time.perf_counter() - t_start, 3),
