@@ -42,6 +42,13 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process (its threads included): on a machine shared
+    with other jobs, a steadier measure of the work than wall seconds."""
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
 def _tracking(workdir: Path) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
     os.chdir(workdir)
@@ -199,6 +206,7 @@ def main() -> None:
         else:
             out = child_implicit(args, kind)
         out["peak_rss_mb"] = _rss_mb()
+        out["process_cpu_seconds"] = _cpu_seconds()
         print(json.dumps(out))
         return
     import torch
