@@ -1,4 +1,5 @@
-"""Closed-form baselines a recommender must beat: global mean and user+item biases."""
+"""Closed-form baselines a recommender must beat (global mean, user+item biases), and the
+cold-start rule that answers ratings for unknown users or items from the bias baseline."""
 
 from __future__ import annotations
 
@@ -45,3 +46,22 @@ def fit_bias_baseline(
     bu[0] = 0.0
     bi[0] = 0.0
     return BiasBaseline(mu, bu, bi)
+
+
+def cold_start_fill(pred: np.ndarray, users: np.ndarray, items: np.ndarray, baseline: BiasBaseline,
+                    scale: tuple[float, float] | None = None) -> np.ndarray:
+    """`pred` with the rows of an unknown user or item (code 0) answered by the bias baseline.
+
+    An embedding row that never trained (index 0) says nothing about a new user, so such a row
+    gets the global mean plus the known side's bias: mu + b_item for an unknown user, mu +
+    b_user for an unknown item, mu when both are unknown (the baseline's biases at index 0 are
+    0). On those rows the answer is the bias baseline's own, clipped to the rating `scale`, so
+    it is never worse than the baseline there. Known pairs keep the model's prediction."""
+    out = np.array(pred, dtype=np.float64, copy=True)
+    users = np.asarray(users, dtype=np.int64)
+    items = np.asarray(items, dtype=np.int64)
+    cold = (users == 0) | (items == 0)
+    if cold.any():
+        fill = baseline.predict(users[cold], items[cold])
+        out[cold] = fill if scale is None else np.clip(fill, scale[0], scale[1])
+    return out

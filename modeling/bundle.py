@@ -45,6 +45,8 @@ SEEN_INDPTR = "seen_indptr"  # CSR of the items each user rated in training
 SEEN_INDICES = "seen_indices"
 COLD_START_RANK = "cold_start_rank"  # items ranked for unknown users
 COLD_START_SCORES = "cold_start_scores"
+BASELINE_USER_BIAS = "baseline_user_bias"  # bias baseline (mu: RatingsSpec.global_mean): ratings of
+BASELINE_ITEM_BIAS = "baseline_item_bias"  # unknown users/items (modeling.baselines.cold_start_fill)
 
 
 class BundleError(TabrecError):
@@ -214,7 +216,12 @@ class TabularSpec(BundleSpec):
 class RatingsSpec(BundleSpec):
     """A collaborative-filtering model: the id vocabularies (code i + 1 = position i; 0 is the
     unknown token), item titles, the rating scale, and an optional second network `ranking`
-    that answers top-k recommendations and similar items in place of the rating model."""
+    that answers top-k recommendations and similar items in place of the rating model.
+
+    `global_mean`: the bias baseline's mu; with the extras BASELINE_USER_BIAS/BASELINE_ITEM_BIAS
+    it answers the rating of an unknown user or item (mu + the known side's bias).
+    `interactions_only`: trained on interactions without ratings (clicks): `model` is then a
+    ranking network, there is no rating model, and rating predictions are refused."""
 
     kind: ClassVar[str] = "ratings"
     users: list[str]
@@ -222,6 +229,8 @@ class RatingsSpec(BundleSpec):
     item_titles: list[str | None] | None = None
     rating_scale: list[float] | None = None
     ranking: ModelSpec | None = None
+    global_mean: float | None = None
+    interactions_only: bool = False
 
     def networks(self) -> list[ModelSpec]:
         return [self.model, *([self.ranking] if self.ranking is not None else [])]
@@ -236,6 +245,8 @@ class RatingsSpec(BundleSpec):
             item_titles=doc.get("item_titles"),
             rating_scale=None if doc.get("rating_scale") is None else [float(v) for v in doc["rating_scale"]],
             ranking=None if ranking is None else ModelSpec.from_doc(ranking, f"{where} ranking"),
+            global_mean=None if doc.get("global_mean") is None else float(doc["global_mean"]),
+            interactions_only=bool(doc.get("interactions_only", False)),
         )
 
 

@@ -30,7 +30,10 @@ def _squash(x: Tensor, y_range: tuple[float, float] | None) -> Tensor:
 
 
 class DotProductBias(nn.Module):
-    """rating = sigmoid_range(user . item + user_bias + item_bias)."""
+    """rating = sigmoid_range(user . item + user_bias + item_bias).
+
+    With y_range=None the raw score is the output: the ranking head (a DotProductBias trained
+    with a ranking loss from `modeling.ranking`) uses it so, scores being logits."""
 
     def __init__(
         self,
@@ -51,16 +54,23 @@ class DotProductBias(nn.Module):
         nn.init.zeros_(self.user_bias.weight)
         nn.init.zeros_(self.item_bias.weight)
 
-    def forward(self, users: Tensor, items: Tensor) -> Tensor:
-        dot = (self.user_emb(users) * self.item_emb(items)).sum(dim=1)
-        raw = dot + self.user_bias(users).squeeze(1) + self.item_bias(items).squeeze(1)
-        return _squash(raw, self.y_range)
+    def forward(self, users: Tensor, items: Tensor | None = None) -> Tensor:
+        """Scores of (user, item) pairs: items [m] -> [m]; items [m, c] (c candidates per user)
+        -> [m, c]; no items -> every item, [m, n_items] in one matmul (what a catalogue-wide
+        ranking loss trains on, through this forward so DistributedDataParallel sees it)."""
+        if items is None:
+            raw = self.user_emb(users) @ self.item_emb.weight.T
+            return _squash(raw + self.user_bias(users) + self.item_bias.weight.T, self.y_range)
+        u, ub = self.user_emb(users), self.user_bias(users)  # [m, d], [m, 1]
+        if items.dim() == 2:  # c candidates per user
+            dot = (u.unsqueeze(1) * self.item_emb(items)).sum(dim=-1)
+            return _squash(dot + ub + self.item_bias(items).squeeze(-1), self.y_range)
+        dot = (u * self.item_emb(items)).sum(dim=1)
+        return _squash(dot + ub.squeeze(1) + self.item_bias(items).squeeze(1), self.y_range)
 
     def score_all(self, users: Tensor) -> Tensor:
         """[m, n_items] scores in one matmul."""
-        raw = self.user_emb(users) @ self.item_emb.weight.T
-        raw = raw + self.user_bias(users) + self.item_bias.weight.T
-        return _squash(raw, self.y_range)
+        return self(users)
 
     def config(self) -> dict[str, Any]:
         return {

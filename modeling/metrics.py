@@ -9,8 +9,10 @@ import numpy as np
 __all__ = [
     "exp_rmspe",
     "mae",
+    "map_at_k",
     "ndcg_at_k",
     "precision_at_k",
+    "ranking_report",
     "recall_at_k",
     "rmse",
     "rmspe",
@@ -121,3 +123,29 @@ def ndcg_at_k(recommended: Any, relevant: tuple[Any, Any], k: int) -> float:
     ideal_cum = np.concatenate([[0.0], np.cumsum(discount)])
     idcg = ideal_cum[np.minimum(n_rel, k)]
     return _mean_over_users(dcg / np.where(idcg > 0, idcg, 1.0), n_rel)
+
+
+def map_at_k(recommended: Any, relevant: tuple[Any, Any], k: int) -> float:
+    """Mean average precision at k: per user, the sum of precision@j at each hit j <= k divided
+    by min(k, number relevant) (so a perfect top-k scores 1), averaged over users with >= 1
+    relevant item."""
+    hits, n_rel = _hits(recommended, relevant, k)
+    h = hits.astype(np.float64)
+    prec_at_j = np.cumsum(h, axis=1) / np.arange(1, h.shape[1] + 1)
+    ap = (prec_at_j * h).sum(axis=1) / np.maximum(np.minimum(n_rel, k), 1)
+    return _mean_over_users(ap, n_rel)
+
+
+def ranking_report(recommended: Any, relevant: tuple[Any, Any], k: int, n_items: int,
+                   prefix: str = "") -> dict[str, float]:
+    """precision, recall, NDCG and MAP at k, and catalogue coverage (distinct recommended items
+    over `n_items`), as `{prefix}precision_at_{k}`, ... `{prefix}coverage_at_{k}`."""
+    rec = _to_numpy(recommended, np.int64)
+    shown = np.unique(rec[:, :k][rec[:, :k] >= 0]) if rec.size else np.empty(0)
+    return {
+        f"{prefix}precision_at_{k}": precision_at_k(rec, relevant, k),
+        f"{prefix}recall_at_{k}": recall_at_k(rec, relevant, k),
+        f"{prefix}ndcg_at_{k}": ndcg_at_k(rec, relevant, k),
+        f"{prefix}map_at_{k}": map_at_k(rec, relevant, k),
+        f"{prefix}coverage_at_{k}": len(shown) / max(n_items, 1),
+    }

@@ -17,7 +17,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from modeling.baselines import BiasBaseline, cold_start_fill
 from modeling.bundle import (
+    BASELINE_ITEM_BIAS,
+    BASELINE_USER_BIAS,
     COLD_START_RANK,
     COLD_START_SCORES,
     DRIFT_X_CAT,
@@ -305,7 +308,11 @@ class TabularPredictor(Predictor):
 
 class RatingsPredictor(Predictor):
     """Ratings from the rating model; top-k and similar items from the ranking network when the
-    bundle has one (else from the rating model)."""
+    bundle has one (else from the rating model).
+
+    A rating for an unknown user or item is the bias baseline's (global mean plus the known
+    side's bias, `modeling.baselines.cold_start_fill`) when the bundle keeps one. A bundle
+    trained on interactions without ratings has no rating model: `predict` is a DataError."""
 
     kind = "ratings"
     spec: RatingsSpec
@@ -323,6 +330,16 @@ class RatingsPredictor(Predictor):
         self.cold_start_rank = extras[COLD_START_RANK].numpy().astype(np.int64)
         self.cold_start_scores = extras[COLD_START_SCORES].numpy().astype(np.float32)
         self.rating_scale = tuple(self.spec.rating_scale or (None, None))
+        self.baseline: BiasBaseline | None = None
+        if self.spec.global_mean is not None and BASELINE_USER_BIAS in extras and BASELINE_ITEM_BIAS in extras:
+            self.baseline = BiasBaseline(float(self.spec.global_mean),
+                                         extras[BASELINE_USER_BIAS].numpy().astype(np.float64),
+                                         extras[BASELINE_ITEM_BIAS].numpy().astype(np.float64))
+
+    @property
+    def predicts_ratings(self) -> bool:
+        """False for a bundle trained on interactions without ratings (ranking only)."""
+        return not self.spec.interactions_only
 
     @property
     def n_items(self) -> int:
@@ -343,12 +360,20 @@ class RatingsPredictor(Predictor):
         return self.titles[idx] if self.titles else None
 
     def predict(self, df: pd.DataFrame, source: str = "request") -> np.ndarray:
+        if not self.predicts_ratings:
+            raise DataError(f"model {self.source.uri}: trained on interactions without ratings, it has no "
+                            "rating model and answers recommendations and similar items only; train on "
+                            "data with a rating column to predict ratings")
         if len(df) == 0:
             return np.empty(0, dtype=np.float64)
         clean = self.schema.validate(df.reset_index(drop=True), source=source)
-        u = self.user_index(clean["user"])
-        i = self.item_index(clean["item"])
-        return forward_chunks([self.model], (u.astype(np.int64), i.astype(np.int64))).astype(np.float64)
+        u = self.user_index(clean["user"]).astype(np.int64)
+        i = self.item_index(clean["item"]).astype(np.int64)
+        pred = forward_chunks([self.model], (u, i)).astype(np.float64)
+        if self.baseline is None:  # a bundle from before the cold-start rule
+            return pred
+        scale = self.spec.rating_scale
+        return cold_start_fill(pred, u, i, self.baseline, None if scale is None else (scale[0], scale[1]))
 
     def top_k(self, users: Sequence[Any], k: int = 10,
               exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

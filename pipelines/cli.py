@@ -102,6 +102,8 @@ def synth_ratings(
     users: Annotated[int, typer.Option(min=2)] = 943,
     items: Annotated[int, typer.Option(min=2)] = 1682,
     ratings: Annotated[int, typer.Option(min=10)] = 100_000,
+    choice: Annotated[float, typer.Option(min=0.0, help="How much taste (not only popularity) decides "
+                                                       "which items a user rates; 0 = popularity only.")] = 0.0,
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
 ) -> None:
@@ -109,7 +111,7 @@ def synth_ratings(
     from pipelines.synth import write_ratings
 
     _run(lambda: {k: str(v) for k, v in write_ratings(out, users=users, items=items, ratings=ratings,
-                                                       seed=seed).items()}, as_json)
+                                                       seed=seed, choice=choice).items()}, as_json)
 
 
 # ---------------------------------------------------------------- train ratings
@@ -139,6 +141,13 @@ def train_ratings_cmd(
     batch_size: Annotated[int | None, _opt(Rat, "batch_size", min=1)] = Rat.batch_size,
     dropout: Annotated[float | None, _opt(Rat, "dropout", min=0.0, max=0.99)] = Rat.dropout,
     embed_p: Annotated[float | None, _opt(Rat, "embed_p", min=0.0, max=0.99)] = Rat.embed_p,
+    ranking: Annotated[bool, _opt(Rat, "ranking", "--ranking/--no-ranking")] = Rat.ranking,
+    ranking_loss: Annotated[str, _opt(Rat, "ranking_loss")] = Rat.ranking_loss,
+    ranking_epochs: Annotated[int | None, _opt(Rat, "ranking_epochs", min=1)] = Rat.ranking_epochs,
+    ranking_lr: Annotated[float | None, _opt(Rat, "ranking_lr", min=0.0)] = Rat.ranking_lr,
+    ranking_wd: Annotated[float | None, _opt(Rat, "ranking_wd", min=0.0)] = Rat.ranking_wd,
+    ranking_batch_size: Annotated[int | None, _opt(Rat, "ranking_batch_size", min=1)] = Rat.ranking_batch_size,
+    ranking_negatives: Annotated[int, _opt(Rat, "ranking_negatives", min=1)] = Rat.ranking_negatives,
     seed: SeedOpt = Rat.seed,
     experiment: Annotated[str, _opt(Rat, "experiment")] = Rat.experiment,
     register: Annotated[str | None, _opt(Rat, "register")] = Rat.register,
@@ -151,12 +160,14 @@ def train_ratings_cmd(
     quiet: QuietOpt = Rat.quiet,
     nproc: NprocOpt = 1,
 ) -> None:
-    """Train a DotProductBias or EmbeddingNN recommender."""
+    """Train a DotProductBias or EmbeddingNN recommender (with a ranking head for top-k)."""
     from pipelines.jobs.ratings import train_ratings
 
     cfg_kw = dict(ratings=ratings, format=format, items=items, valid=valid, valid_frac=valid_frac, split=split,
                   model=model, factors=factors, epochs=epochs, lr=lr, wd=wd, batch_size=batch_size, dropout=dropout,
-                  embed_p=embed_p, seed=seed,
+                  embed_p=embed_p, ranking=ranking, ranking_loss=ranking_loss, ranking_epochs=ranking_epochs,
+                  ranking_lr=ranking_lr, ranking_wd=ranking_wd, ranking_batch_size=ranking_batch_size,
+                  ranking_negatives=ranking_negatives, seed=seed,
                   experiment=experiment, register=register, force=force, user_col=user_col,
                   item_col=item_col, rating_col=rating_col, time_col=time_col, quiet=quiet)
     _run_train(ctx, lambda: train_ratings(RatingsConfig(**cfg_kw)), as_json, quiet, nproc)

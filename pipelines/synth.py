@@ -376,8 +376,15 @@ def _draw_items(n: int, cdf: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return np.minimum(out, len(cdf) - 1)
 
 
-def _sample_pairs(counts: np.ndarray, pop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Sorted unique user*n_items+item keys with exactly counts[u] distinct items per user."""
+Accept = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _sample_pairs(counts: np.ndarray, pop: np.ndarray, rng: np.random.Generator,
+                  accept: Accept | None = None) -> np.ndarray:
+    """Sorted unique user*n_items+item keys with exactly counts[u] distinct items per user.
+
+    `accept(users, items)` -> bool mask keeps a popularity-drawn pair or sends it back to be
+    drawn again (rejection sampling: P(item | user) ~ popularity x acceptance)."""
     n_items = len(pop)
     cdf = np.cumsum(pop)
     uniform = np.cumsum(np.ones(n_items))
@@ -389,6 +396,9 @@ def _sample_pairs(counts: np.ndarray, pop: np.ndarray, rng: np.random.Generator)
         users = np.repeat(np.arange(len(counts), dtype=np.int64), need)
         # After a few popularity-weighted rounds, top up uniformly so heavy users converge.
         items = _draw_items(len(users), cdf if round_ < 8 else uniform, rng)
+        if accept is not None and round_ < 8:
+            keep = accept(users, items)
+            users, items = users[keep], items[keep]
         new = np.sort(users * n_items + items)
         new = new[np.r_[True, new[1:] != new[:-1]]]
         if len(keys):
@@ -414,12 +424,18 @@ def _genres(item_f: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def synth_ratings(users: int = 943, items: int = 1682, ratings: int = 100_000, seed: int = 0,
-                  factors: int = 8) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  factors: int = 8, choice: float = 0.0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(ratings, movies) from latent factors + user/item biases + noise, rounded to 1..5.
 
     Item popularity is Zipf-like, user activity log-normal (>= 5 ratings each), pairs are
     unique, rows are in timestamp order. The factor term (sd ~0.8) dominates the residual
     noise (sd 0.5), so a factor model beats a bias-only model by a clear margin.
+
+    Which items a user rates follows popularity alone with `choice=0` (the default, and the
+    files of earlier versions, byte for byte). With `choice > 0` users also pick by taste: a
+    popularity-drawn item is kept with probability sigmoid(choice * z), z = a user's choice
+    factors . the item's (sd 1, drawn from a second generator seeded from `seed`), so a ranking
+    model has structure to find beyond popularity.
     """
     cap = items // 2                            # no user rates more than half the catalogue
     if users < 1 or items < 10 or factors < 1:
@@ -432,7 +448,7 @@ def synth_ratings(users: int = 943, items: int = 1682, ratings: int = 100_000, s
     rank = rng.permutation(items).astype(np.float64)
     pop = (rank + 0.02 * items) ** -1.2
     counts = _user_counts(users, ratings, cap, rng)
-    keys = _sample_pairs(counts, pop, rng)
+    keys = _sample_pairs(counts, pop, rng, _taste_acceptance(users, items, factors, choice, seed))
     user_idx, item_idx = np.divmod(keys, items)
 
     scale = (0.65 ** 2 / factors) ** 0.25       # makes sd(p_u . q_i) ~ 0.65
@@ -465,11 +481,32 @@ def synth_ratings(users: int = 943, items: int = 1682, ratings: int = 100_000, s
     return frame, movies
 
 
+def _taste_acceptance(users: int, items: int, factors: int, choice: float, seed: int) -> Accept | None:
+    """The acceptance rule of `synth_ratings(choice=...)`; None (popularity only) for choice 0."""
+    if choice < 0:
+        raise DataError(f"synth_ratings: choice must be >= 0 (got {choice})")
+    if choice == 0:
+        return None
+    taste = np.random.default_rng([seed, 1])  # its own stream: the main one stays as it was
+    scale = factors ** -0.25                  # makes sd(a_u . b_i) ~ 1
+    user_c = taste.normal(0.0, scale, (users, factors)).astype(np.float32)
+    item_c = taste.normal(0.0, scale, (items, factors)).astype(np.float32)
+
+    def accept(u: np.ndarray, i: np.ndarray) -> np.ndarray:
+        keep = np.empty(len(u), dtype=bool)
+        for lo in range(0, len(u), _CHUNK):
+            z = np.einsum("nk,nk->n", user_c[u[lo:lo + _CHUNK]], item_c[i[lo:lo + _CHUNK]])
+            keep[lo:lo + _CHUNK] = taste.random(len(z)) < 1.0 / (1.0 + np.exp(-choice * z))
+        return keep
+
+    return accept
+
+
 def write_ratings(out_dir: str | Path, users: int = 943, items: int = 1682,
-                  ratings: int = 100_000, seed: int = 0) -> dict[str, Path]:
+                  ratings: int = 100_000, seed: int = 0, choice: float = 0.0) -> dict[str, Path]:
     """Write u.data (MovieLens-100k: tab-separated, no header) and movies.csv atomically."""
     out = Path(out_dir)
-    frame, movies = synth_ratings(users=users, items=items, ratings=ratings, seed=seed)
+    frame, movies = synth_ratings(users=users, items=items, ratings=ratings, seed=seed, choice=choice)
     table = pa.Table.from_pandas(frame, preserve_index=False)
     opts = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
     return {

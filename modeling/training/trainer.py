@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from modeling.training import distributed
 from modeling.training.callbacks import Callback, History, ProgressBar
 from modeling.training.data import TensorData, batches
+from modeling.training.objectives import Objective
 from modeling.training.optim import make_optimizer, model_groups, resolve_lrs
 from modeling.training.schedules import Schedule, make_schedule
 
@@ -64,6 +65,11 @@ class Trainer:
     runs on rank 0 and its logs are broadcast so callbacks (early stopping) decide identically,
     a stop request takes effect at the end of an epoch, and after fit every rank holds rank 0's
     weights. Outside a process group nothing of this runs.
+
+    `objective` (a `modeling.training.objectives.Objective`) replaces `loss_fn(model(*xs), y)`
+    for losses that need the model and the batch (ranking losses with negatives); it is seeded
+    from `seed` (+ rank) at each fit. With one, `evaluate` reports only valid_loss (the
+    objective on the validation rows), and `metrics` are not computed.
     """
 
     def __init__(
@@ -83,12 +89,14 @@ class Trainer:
         mixed_precision: bool = False,
         callbacks: list[Callback] | None = None,
         quiet: bool = False,
+        objective: Objective | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
         self.model = model.to(self.device)
         self.loss_fn = loss_fn
+        self.objective = objective
         self.metrics = dict(metrics or {})
         self.lr, self.wd, self.betas = lr, wd, betas
         self.schedule_name = schedule
@@ -141,6 +149,8 @@ class Trainer:
         # Same batch permutation on every rank; dropout etc. draw from a per-rank stream.
         seed_torch(self.seed + world.rank, self.device)
         gen = torch.Generator().manual_seed(self.seed)
+        if self.objective is not None:
+            self.objective.start(self.seed + world.rank, self.device)
         train = train.to(self.device)
         valid = valid.to(self.device) if valid is not None else None
         n, bs = len(train), self.batch_size
@@ -208,16 +218,20 @@ class Trainer:
         """One pass over the index batches of `order`; returns the mean training loss (over all ranks)."""
         assert self.opt is not None
         model = self._ddp if self._ddp is not None else self.model
-        opt, loss_fn, xs, y = self.opt, self.loss_fn, data.xs, data.y
+        opt, loss_fn, objective, xs, y = self.opt, self.loss_fn, self.objective, data.xs, data.y
         model.train()
         loss_sum = torch.zeros((), device=self.device)
         rows = 0
         params = [p for g in opt.param_groups for p in g["params"]]
         for idx in order:
             self._apply_schedule(self.step)
-            with self._autocast():
-                out = model(*(x[idx] for x in xs))
-            loss = loss_fn(out.float(), y[idx])
+            if objective is not None:
+                with self._autocast():
+                    loss = objective(model, tuple(x[idx] for x in xs), y[idx])
+            else:
+                with self._autocast():
+                    out = model(*(x[idx] for x in xs))
+                loss = loss_fn(out.float(), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.grad_clip is not None:
@@ -258,13 +272,27 @@ class Trainer:
         return self._predict_device(tuple(xs), batch_size).cpu()
 
     def evaluate(self, data: TensorData) -> dict[str, float]:
-        """valid_loss and each metric over the whole set (metric fns get full pred/target tensors)."""
+        """valid_loss and each metric over the whole set (metric fns get full pred/target tensors).
+
+        With an objective: valid_loss only, the row-weighted mean of the objective over batches."""
+        if self.objective is not None:
+            return {"valid_loss": self._objective_loss(data.to(self.device))}
         pred = self._predict_device(data.xs)
         y = data.y.to(self.device)
         logs = {"valid_loss": float(self.loss_fn(pred, y))}
         for name, fn in self.metrics.items():
             logs[name] = float(fn(pred, y))
         return logs
+
+    def _objective_loss(self, data: TensorData) -> float:
+        assert self.objective is not None
+        bs, n, total = max(self.batch_size, 1), len(data), 0.0
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            for start in range(0, n, bs):
+                part = data.subset(slice(start, start + bs))
+                total += float(self.objective(self.model, part.xs, part.y)) * len(part)
+        return total / max(n, 1)
 
 
 def fit(

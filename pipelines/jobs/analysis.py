@@ -185,37 +185,47 @@ def ratings_segments(data: RatingsData) -> pd.DataFrame:
 
 def ratings_analysis(data: RatingsData, fit: Fitted, metrics: dict[str, float], seed: int,
                      ranker: Any | None = None, k: int = 10) -> Analysis:
-    """RMSE by user/item activity (training ratings), known vs new users and items, and the rating value; with ranking
-    metrics in `metrics`, precision/recall/NDCG@k by user activity, from `ranker` (a network
-    with `score_all`-style scoring; default: the rating model; pass the ranking head once a
-    job has one)."""
+    """RMSE of the served ratings (unknown users and items answered by the bias baseline, as
+    predictors answer them) by user/item activity (training ratings), known vs new users and
+    items, and the rating value; with ranking metrics in `metrics`, precision/recall/NDCG@k by
+    user activity from `ranker` (the job's ranking head; default: the rating model). Data
+    without ratings (interactions only) has no rating error to break down."""
+    from modeling.baselines import cold_start_fill
+
     tmp = fit.tmp
-    seg = ratings_segments(data)
-    overall = float(np.sqrt(np.mean((data.vr - fit.valid_pred) ** 2)))
-    by = ["user activity", "item activity", "known ids", "rating"]
-    table = inspection.error_breakdown(seg, data.vr, fit.valid_pred, by, "rmse")
-    plots = [reports.error_breakdown(table, "rmse", overall, tmp / "error_breakdown.png",
-                                     "Where the model is wrong: valid RMSE by segment (activity = training "
-                                     "ratings; red: above overall)")]
-    tables = {"error_breakdown.csv": table}
-    highlights = ["plots/pred_vs_actual.png", "plots/error_breakdown.png"]
+    plots: list[Path | None] = []
+    tables: dict[str, pd.DataFrame] = {}
+    highlights: list[str] = []
+    findings: list[str] = []
+    if fit.valid_pred is not None and data.baseline is not None:
+        served = cold_start_fill(fit.valid_pred, data.vu, data.vi, data.baseline, data.scale)
+        seg = ratings_segments(data)
+        overall = float(np.sqrt(np.mean((data.vr - served) ** 2)))
+        by = ["user activity", "item activity", "known ids", "rating"]
+        table = inspection.error_breakdown(seg, data.vr, served, by, "rmse")
+        plots.append(reports.error_breakdown(table, "rmse", overall, tmp / "error_breakdown.png",
+                                             "Where the model is wrong: valid RMSE by segment (activity = "
+                                             "training ratings; red: above overall)"))
+        tables["error_breakdown.csv"] = table
+        highlights += ["plots/pred_vs_actual.png", "plots/error_breakdown.png"]
+        findings = _findings(table, "rmse", overall)
     if f"precision_at_{k}" in metrics:
         ranking = ranking_by_activity(data, ranker if ranker is not None else fit.model, seed, k)
         if not ranking.empty:
             plots.append(reports.ranking_breakdown(ranking, k, tmp / "ranking_by_activity.png",
-                                                   f"Top-{k} ranking by user activity (valid items rated high)"))
+                                                   f"Top-{k} ranking by user activity (held-out items relevant)"))
             tables["ranking_by_activity.csv"] = ranking
             highlights.append("plots/ranking_by_activity.png")
-    return Analysis(plots=plots, tables=tables, highlights=highlights, findings=_findings(table, "rmse", overall))
+    return Analysis(plots=plots, tables=tables, highlights=highlights, findings=findings)
 
 
 def ranking_by_activity(data: RatingsData, ranker: Any, seed: int, k: int = 10) -> pd.DataFrame:
-    """The job's ranking metrics (same relevance rule: valid ratings in the top quarter of
-    the scale, training items excluded) per user-activity bin, on at most RANKING_USERS users."""
+    """The job's ranking metrics per user-activity bin, under the job's protocol (every
+    held-out item of a known user relevant, training items excluded), on at most RANKING_USERS
+    users."""
     from modeling.collab import csr_from_pairs, csr_rows, top_k_for_users
 
-    relevant_min = data.scale[0] + 0.75 * (data.scale[1] - data.scale[0])
-    mask = (data.vr >= relevant_min) & (data.vu > 0) & (data.vi > 0)
+    mask = (data.vu > 0) & (data.vi > 0)
     users = np.unique(data.vu[mask])
     if len(users) == 0:
         return pd.DataFrame()

@@ -6,12 +6,15 @@
    `job.resolve()` the options that depend on the data (e.g. epochs "auto");
 2. open the MLflow run (tags: pipeline, data fingerprint, git commit), log every config value
    plus `job.params()` as params and `job.datasets()` as the run's inputs (train, valid);
-3. `torch.manual_seed(seed)`, then `job.build_model()`;
+3. `torch.manual_seed(seed)`, then `job.build_model()` (trained with `job.objective()` when the
+   job's loss needs the model and the batch, e.g. a ranking loss);
 4. with `--lr auto`, the lr finder on `job.finder_model(model)` (a deepcopy is trained, the
    model itself is untouched); rank 0 runs it and broadcasts the value;
 5. `job.fit_networks` (by default one `Trainer.fit` with `job.epoch_metrics`, the per-epoch MLflow
    logger (`epoch/...` history) and `job.callbacks()`; a job may train several networks, e.g. an
-   ensemble);
+   ensemble); then `job.train_heads(model)` (on every rank): further networks the bundle carries
+   beside the model, such as a ranking head, trained with the same engine (their seconds join
+   train_seconds);
 5b. refit: when `job.refit_rows()` gives rows (train + valid), the same `fit_networks` again on
    them, from the same seed, with the same lr and settings and no validation set (its history
    as `refit/epoch/...`); the refit's networks are the ones logged, the validation run's are
@@ -22,7 +25,7 @@
 7. `job.bundle(...)`: the typed spec, networks (`fit.logged`), extras and features; save and log
    the bundle; the run's description (headline metric against `job.baselines` and the current
    champion, the data, the plots to open first);
-8. registration on `job.target_metric` (alias `champion` only when better, or `--force`),
+8. registration on `job.target_metric` (`job.lower_is_better`; alias `champion` only when better, or `--force`),
    after the run has ended, with the decision written into the model version's description
    and, on the finished run, into its description; the result dict the CLI prints with
    `--json` (with the effective config under "config").
@@ -56,6 +59,7 @@ from modeling.training import (
     Callback,
     History,
     LRFinderResult,
+    Objective,
     TensorData,
     Trainer,
     distributed,
@@ -100,7 +104,8 @@ class Fitted:
     history: History
     lr: float
     train_seconds: float
-    valid_pred: np.ndarray  # the model's predictions on the validation set (training target scale)
+    valid_pred: np.ndarray | None  # predictions on the validation set (training target scale); None
+    # when the model trained with an objective (a ranking loss has no per-row prediction)
     tmp: Path  # scratch directory of the run: plots and the bundle are written here
     networks: list[nn.Module] = field(default_factory=list)  # validation run's networks (default: [model])
     refit: Trained | None = None
@@ -161,7 +166,8 @@ class TrainingJob(ABC, Generic[ConfigT, DataT]):
     `prepare` returned."""
 
     pipeline: ClassVar[str]  # "rossmann" | "ratings": the run's tag and the temp dir's prefix
-    target_metric: ClassVar[str]  # the validation metric registration compares (lower is better)
+    target_metric: ClassVar[str]  # the validation metric registration compares
+    lower_is_better: ClassVar[bool] = True  # the direction of target_metric
     curve_metric: ClassVar[str]  # the per-epoch metric drawn beside the losses
     baselines: ClassVar[dict[str, str]] = {}  # final metric -> label: what the run description compares with
 
@@ -209,7 +215,8 @@ class TrainingJob(ABC, Generic[ConfigT, DataT]):
         cfg = self.cfg
         trainer = Trainer(model, metrics=self.epoch_metrics if valid is not None else {}, lr=lr, wd=cfg.wd,
                           batch_size=cfg.batch_size, seed=cfg.seed, quiet=cfg.quiet or not distributed.current().is_main,
-                          callbacks=[*callbacks, *(self.callbacks() if valid is not None else [])])
+                          callbacks=[*callbacks, *(self.callbacks() if valid is not None else [])],
+                          objective=self.objective())
         t0 = time.perf_counter()
         history = trainer.fit(train, valid, epochs=cfg.epochs)
         return Trained([model], history, time.perf_counter() - t0)
@@ -217,6 +224,16 @@ class TrainingJob(ABC, Generic[ConfigT, DataT]):
     def refit_rows(self) -> TensorData | None:
         """All rows (train + valid) for a refit after the validation run, or None: no refit (default)."""
         return None
+
+    def objective(self) -> Objective | None:
+        """A loss that needs the model and the batch (a ranking loss) for the main fit, or None
+        for the Trainer's default loss on (prediction, target)."""
+        return None
+
+    def train_heads(self, model: nn.Module) -> float:
+        """Train further networks the bundle carries beside `model` (e.g. a ranking head) with the
+        same engine; runs on every rank after the main fit. Returns their training seconds."""
+        return 0.0
 
     @abstractmethod
     def evaluate(self, fit: Fitted) -> dict[str, float]:
@@ -275,11 +292,12 @@ def run_job(job: TrainingJob[Any, Any]) -> dict[str, Any] | None:
                                    [tracking.MLflowEpochLogger()] if rank0 else [])
         refit = _refit(job, lr, rank0)
         train_seconds = trained.seconds + (refit.seconds if refit is not None else 0.0)
+        train_seconds += job.train_heads((refit or trained).networks[0])
         if not rank0:
             return None
-        fit = Fitted(trained.networks[0], trained.history, lr, trained.seconds,
-                     predict_mean(trained.networks, data.valid.xs).numpy(), tmp, networks=trained.networks, refit=refit,
-                     info=trained.info)
+        valid_pred = predict_mean(trained.networks, data.valid.xs).numpy() if job.objective() is None else None
+        fit = Fitted(trained.networks[0], trained.history, lr, trained.seconds, valid_pred, tmp,
+                     networks=trained.networks, refit=refit, info=trained.info)
         metrics = job.evaluate(fit)
         if refit is not None:
             metrics["refit_seconds"] = refit.seconds
@@ -328,7 +346,7 @@ def _headline(job: TrainingJob[Any, Any], metrics: dict[str, float]) -> run_note
                  if key in metrics and tracking.is_number(metrics[key])]
     champion = tracking.current_champion(cfg.register, job.target_metric) if cfg.register else None
     return run_notes.Headline(job.target_metric, float(metrics[job.target_metric]), baselines,
-                              champion=champion, register=cfg.register)
+                              champion=champion, register=cfg.register, lower_is_better=job.lower_is_better)
 
 
 def _refit(job: TrainingJob[Any, Any], lr: float, rank0: bool) -> Trained | None:

@@ -168,13 +168,21 @@ class RossmannConfig:
 
 
 # ---------------------------------------------------------------- ratings
-SPLITS = ("random", "time", "user-last")
+SPLITS = ("random", "time", "user-last", "user-stratified")
 MODELS = ("dot", "nn")
+RANKING_LOSSES = ("softmax", "bpr")  # modeling.ranking.RANKING_LOSSES (not imported: no torch here)
 # Per-model training defaults, tuned once on ../shared/data/ml-100k train/valid (docs/benchmarks.md):
 # the NN needs many more large-batch epochs and strong (embedding) dropout to stop overfitting.
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "dot": {"epochs": 5, "lr": "1e-2", "wd": 0.3, "batch_size": 1024, "dropout": 0.0, "embed_p": 0.0},
     "nn": {"epochs": 20, "lr": "3e-2", "wd": 0.5, "batch_size": 4096, "dropout": 0.5, "embed_p": 0.3},
+}
+# Per-loss defaults of the ranking head (the same head for dot and nn), tuned on ML-100k under the
+# per-user stratified 75/25 protocol, seeds 0 and 1 (docs/benchmarks.md). softmax batches count
+# users (one row per user, scored against the whole catalogue), bpr batches count (user, item) pairs.
+RANKING_DEFAULTS: dict[str, dict[str, Any]] = {
+    "softmax": {"ranking_epochs": 30, "ranking_lr": 2e-2, "ranking_wd": 1.0, "ranking_batch_size": 128},
+    "bpr": {"ranking_epochs": 20, "ranking_lr": 1e-2, "ranking_wd": 0.1, "ranking_batch_size": 1024},
 }
 
 
@@ -183,16 +191,23 @@ def _per_model(text: str, key: str, models: tuple[str, ...] = MODELS) -> str:
     return f"{text} Default: " + ", ".join(f"{m} {MODEL_DEFAULTS[m][key]}" for m in models) + "."
 
 
+def _per_loss(text: str, key: str) -> str:
+    """Help text ending in the per-loss defaults of the ranking head, read from RANKING_DEFAULTS."""
+    return f"{text} Default: " + ", ".join(f"{m} {d[key]:g}" for m, d in RANKING_DEFAULTS.items()) + "."
+
+
 @dataclass
 class RatingsConfig:
-    ratings: str = opt(help="Ratings file (u.data, ratings.dat, ratings.csv, CSV, Parquet).")
+    ratings: str = opt(help="Ratings file (u.data, ratings.dat, ratings.csv, CSV, Parquet); a CSV/Parquet "
+                            "of user and item columns without ratings (clicks) trains the ranking head only.")
     format: str = opt("auto", "auto|ml-100k|ml-1m|ml-latest|csv|parquet")
     items: str | None = opt(None, "Item metadata (u.item, movies.dat, movies.csv).")
     valid: str | None = opt(None, "Explicit validation ratings file.")
     valid_frac: float = opt(0.2, "Validation fraction when --valid is not given.")
-    split: str = opt("random", "|".join(SPLITS))
+    split: str = opt("random", "|".join(SPLITS) + " (user-stratified: that fraction of each user's rows, "
+                               "drawn at random)")
     model: str = opt("dot", "dot (DotProductBias) or nn (EmbeddingNN)")
-    factors: int = opt(50, "Embedding width.")
+    factors: int = opt(50, "Embedding width (of dot and of the ranking head).")
     layers: tuple[int, ...] = (100,)
     # None = the model's default from MODEL_DEFAULTS (tuned once on the ML-100k split).
     dropout: float | None = opt(None, _per_model("nn only: dense-layer dropout.", "dropout", ("nn",)))
@@ -201,11 +216,22 @@ class RatingsConfig:
     lr: str | None = opt(None, _per_model(LR_HELP, "lr"))
     wd: float | None = opt(None, _per_model(WD_HELP, "wd"))
     batch_size: int | None = opt(None, _per_model("Ratings per batch.", "batch_size"))
+    ranking: bool = opt(True, "Train a ranking head on implicit feedback for top-k and similar items "
+                              "(off: the rating model ranks).")
+    ranking_loss: str = opt("softmax", "Ranking head loss: softmax (over the whole catalogue) or bpr.")
+    # None = the loss's default from RANKING_DEFAULTS.
+    ranking_epochs: int | None = opt(None, _per_loss("Ranking head epochs (one-cycle).", "ranking_epochs"))
+    ranking_lr: float | None = opt(None, _per_loss("Ranking head learning rate.", "ranking_lr"))
+    ranking_wd: float | None = opt(None, _per_loss("Ranking head AdamW weight decay.", "ranking_wd"))
+    ranking_batch_size: int | None = opt(None, _per_loss("Ranking head batch: users (softmax) or "
+                                                         "(user, item) pairs (bpr).", "ranking_batch_size"))
+    ranking_negatives: int = opt(1, "bpr only: negatives drawn per positive.")
     seed: int = opt(0, SEED_HELP)
     experiment: str = opt("ratings", "MLflow experiment.")
     register: str | None = opt(None, REGISTER_HELP)
     force: bool = opt(False, FORCE_HELP)
     min_ratings_cold_start: int = 10
+    eval_users: int = 20_000  # ranking metrics on a seeded sample of at most this many validation users
     user_col: str | None = opt(None, "User id column of a CSV/Parquet file.")
     item_col: str | None = opt(None, "Item id column of a CSV/Parquet file.")
     rating_col: str | None = opt(None, "Rating column of a CSV/Parquet file.")
@@ -214,6 +240,9 @@ class RatingsConfig:
 
     def __post_init__(self) -> None:
         for key, value in MODEL_DEFAULTS.get(self.model, MODEL_DEFAULTS["dot"]).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        for key, value in RANKING_DEFAULTS.get(self.ranking_loss, RANKING_DEFAULTS["softmax"]).items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
 
@@ -225,3 +254,9 @@ class RatingsConfig:
         if not 0.0 < self.valid_frac < 1.0:
             raise DataError(f"--valid-frac must be in (0, 1), got {self.valid_frac}")
         check_training_options(self)
+        if self.ranking_loss not in RANKING_LOSSES:
+            raise DataError(f"--ranking-loss must be one of {RANKING_LOSSES}, got {self.ranking_loss!r}")
+        if self.ranking_epochs < 1 or self.ranking_batch_size < 1 or self.ranking_negatives < 1:
+            raise DataError("--ranking-epochs, --ranking-batch-size and --ranking-negatives must be >= 1")
+        if not self.ranking_lr > 0 or self.ranking_wd < 0:
+            raise DataError("--ranking-lr must be > 0 and --ranking-wd >= 0")

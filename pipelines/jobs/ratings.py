@@ -1,14 +1,17 @@
 """Ratings' domain parts of the training skeleton: ratings files → split → id vocabularies →
-DotProductBias or EmbeddingNN, bias/forest baselines and ranking metrics, and a ratings bundle
-(seen items, cold-start ranking) that takes raw user and item ids.
+DotProductBias or EmbeddingNN (the rating model) and a ranking head trained on implicit feedback
+(top-k, similar items), bias/popularity/forest baselines, ranking metrics under the held-out
+protocol, and a ratings bundle that takes raw user and item ids.
 
-`train_ratings(cfg)` runs `RatingsJob` through `pipelines.jobs.base.run_job`; `find_lr` is
-`tabrec lr-find ratings`.
+Interaction data without ratings (clicks: user and item columns only) trains the ranking head
+alone; the bundle then refuses rating predictions. `train_ratings(cfg)` runs `RatingsJob`
+through `pipelines.jobs.base.run_job`; `find_lr` is `tabrec lr-find ratings`.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +20,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from modeling.baselines import fit_bias_baseline
+from modeling.baselines import BiasBaseline, cold_start_fill, fit_bias_baseline
 from modeling.bundle import (
+    BASELINE_ITEM_BIAS,
+    BASELINE_USER_BIAS,
     COLD_START_RANK,
     COLD_START_SCORES,
     SEEN_INDICES,
@@ -26,37 +31,54 @@ from modeling.bundle import (
     ModelSpec,
     RatingsSpec,
 )
-from modeling.collab import (
-    DotProductBias,
-    EmbeddingNN,
-    csr_from_pairs,
-    csr_rows,
-    item_biases,
-    item_factors,
-    score_all_items,
-    top_k_for_users,
-)
+from modeling.collab import DotProductBias, EmbeddingNN, csr_from_pairs, item_biases, item_factors
 from modeling.errors import DataError
 from modeling.forest import ForestConfig, adversarial_validation, rf_baseline
-from modeling.metrics import mae, ndcg_at_k, precision_at_k, recall_at_k, rmse
+from modeling.metrics import mae, rmse
+from modeling.ranking import (
+    HoldoutTopK,
+    RankingTask,
+    build_ranking_head,
+    popularity,
+    ranking_task,
+    unique_pairs,
+)
 from modeling.schema import InputField, InputSchema
-from modeling.training import LRFinderResult, TensorData
-from pipelines import reports
+from modeling.training import (
+    History,
+    LRFinderResult,
+    Objective,
+    TensorData,
+    Trainer,
+    distributed,
+)
+from pipelines import reports, tracking
 from pipelines.ingest.ratings import rating_scale, read_items, read_ratings
 from pipelines.jobs import analysis as views
 from pipelines.jobs.base import BundleParts, Checks, Fitted, TrainingJob, run_job, seeded_lr_find
 from pipelines.jobs.config import MODEL_DEFAULTS, MODELS, SPLITS, RatingsConfig
+from pipelines.jobs.ratings_eval import (
+    activity_features,
+    cold_start_ranking,
+    popularity_cold_start,
+    rmse_by_segment,
+    split_ratings,
+)
 
 __all__ = ["MODELS", "MODEL_DEFAULTS", "SPLITS", "RatingsConfig", "RatingsData", "RatingsJob", "activity_features",
-           "build_model", "cold_start_ranking", "find_lr", "load_data", "ranking_metrics", "split_ratings",
-           "train_ratings", "y_range_for"]
+           "build_model", "cold_start_ranking", "find_lr", "load_data", "split_ratings", "train_ratings",
+           "y_range_for"]
 
 log = logging.getLogger("tabrec.train.ratings")
+TOP_K = 10
 
 
 @dataclass
 class RatingsData:
-    """The split, its id vocabularies and encoded arrays (index 0 = unknown id), built once."""
+    """The split, its id vocabularies and encoded arrays (index 0 = unknown id), built once.
+
+    `implicit`: the data has no ratings (interactions only); `train`/`valid` are then the
+    ranking head's rows and `ranking` its task."""
 
     train_df: pd.DataFrame
     valid_df: pd.DataFrame
@@ -70,10 +92,13 @@ class RatingsData:
     vr: np.ndarray
     train: TensorData
     valid: TensorData
-    scale: tuple[float, float]
-    y_range: tuple[float, float]
+    scale: tuple[float, float] | None
+    y_range: tuple[float, float] | None
     titles: list[str | None]
     files: list[str]
+    implicit: bool = False
+    ranking: RankingTask | None = None
+    baseline: BiasBaseline | None = None
 
     @property
     def n_users(self) -> int:
@@ -96,27 +121,40 @@ class RatingsJob(TrainingJob[RatingsConfig, RatingsData]):
     baselines = {"baseline_rmse": "bias baseline (global mean + user and item biases)",
                  "rf_valid_rmse": "random forest on activity features", "global_mean_rmse": "global mean"}
 
+    def __init__(self, cfg: RatingsConfig) -> None:
+        super().__init__(cfg)
+        self.head: DotProductBias | None = None  # the ranking head, once trained
+        self.head_history: History | None = None
+        self.head_seconds = 0.0
+
     def prepare(self) -> RatingsData:
-        return prepare(self.cfg)
+        data = prepare(self.cfg)
+        if data.implicit:  # the ranking head is the model: registration compares its NDCG
+            self.target_metric, self.lower_is_better, self.curve_metric = f"ndcg_at_{TOP_K}", False, None  # type: ignore[misc]
+        return data
 
     def datasets(self) -> list[views.DataInput]:
         return views.ratings_datasets(self.cfg, self.data)
 
     def analysis(self, fit: Fitted, checks: Checks, metrics: dict[str, float]) -> views.Analysis:
-        # ranking by user activity uses the rating model; a ranking head, once the job has one,
-        # goes in as `ranker=`
-        return views.ratings_analysis(self.data, fit, metrics, self.cfg.seed)
+        # ranking by user activity from what the bundle recommends with: the ranking head when trained
+        return views.ratings_analysis(self.data, fit, metrics, self.cfg.seed, ranker=self.head)
 
     def run_name(self) -> str:
-        return f"ratings-{self.cfg.model}"
+        return "ratings-implicit" if self.data.implicit else f"ratings-{self.cfg.model}"
 
     def params(self) -> dict[str, Any]:
         d = self.data
         return {"n_users": d.n_users - 1, "n_items": d.n_items - 1, "n_train": len(d.train_df),
-                "n_valid": len(d.valid_df), "y_range": list(d.y_range), "rating_scale": list(d.scale)}
+                "n_valid": len(d.valid_df), "y_range": None if d.y_range is None else list(d.y_range),
+                "rating_scale": None if d.scale is None else list(d.scale), "implicit": d.implicit}
 
     def build_model(self) -> torch.nn.Module:
-        return build_model(self.cfg, self.data.n_users, self.data.n_items, self.data.y_range)
+        d = self.data
+        if d.implicit:
+            return build_ranking_head(d.n_users, d.n_items, self.cfg.factors)
+        assert d.y_range is not None
+        return build_model(self.cfg, d.n_users, d.n_items, d.y_range)
 
     def finder_model(self, model: torch.nn.Module) -> torch.nn.Module:
         # Drawn after the training model, not from a fresh seed like `tabrec lr-find ratings`:
@@ -125,119 +163,192 @@ class RatingsJob(TrainingJob[RatingsConfig, RatingsData]):
 
     @property
     def epoch_metrics(self) -> dict[str, Any]:
-        return {"rmse": rmse, "mae": mae}
+        return {} if self.data.implicit else {"rmse": rmse, "mae": mae}
+
+    def objective(self) -> Objective | None:
+        return self.data.ranking.objective if self.data.implicit and self.data.ranking else None
+
+    def train_heads(self, model: torch.nn.Module) -> float:
+        """The ranking head beside the rating model (not with --no-ranking or interactions only)."""
+        cfg, d = self.cfg, self.data
+        if d.implicit or not cfg.ranking:
+            return 0.0
+        task = head_task(cfg, d)
+        torch.manual_seed(cfg.seed)
+        head = build_ranking_head(d.n_users, d.n_items, cfg.factors)
+        rank0 = distributed.current().is_main
+        trainer = Trainer(head, lr=cfg.ranking_lr, wd=cfg.ranking_wd, batch_size=cfg.ranking_batch_size,
+                          seed=cfg.seed, quiet=cfg.quiet or not rank0, objective=task.objective,
+                          callbacks=[tracking.MLflowEpochLogger(prefix="ranking/")] if rank0 else [])
+        log.info("training the ranking head (%s loss) on %d rows, %d epochs", cfg.ranking_loss, len(task.train),
+                 cfg.ranking_epochs)
+        t0 = time.perf_counter()
+        self.head_history = trainer.fit(task.train, task.valid, epochs=cfg.ranking_epochs)
+        self.head_seconds = time.perf_counter() - t0
+        self.head = head.eval()
+        return self.head_seconds
 
     def evaluate(self, fit: Fitted) -> dict[str, float]:
-        d, pred = self.data, fit.valid_pred
-        baseline = fit_bias_baseline(d.tu, d.ti, d.tr, d.n_users, d.n_items)
-        metrics = {
-            "valid_rmse": rmse(d.vr, pred), "valid_mae": mae(d.vr, pred),
-            "baseline_rmse": rmse(d.vr, baseline.predict(d.vu, d.vi)),
-            "global_mean_rmse": rmse(d.vr, np.full_like(d.vr, baseline.mu)),
-            "train_seconds": fit.train_seconds, "lr": fit.lr,
-        }
-        relevant_min = d.scale[0] + 0.75 * (d.scale[1] - d.scale[0])  # 4 stars on a 1–5 scale
-        metrics.update(ranking_metrics(fit.model, d.tu, d.ti, d.vu, d.vi, d.vr, d.n_users, d.n_items, relevant_min))
-        log.info("valid RMSE %.4f (bias baseline %.4f)", metrics["valid_rmse"], metrics["baseline_rmse"])
+        cfg, d = self.cfg, self.data
+        metrics: dict[str, float] = {"train_seconds": fit.train_seconds, "lr": fit.lr}
+        ranker = self.head if self.head is not None else fit.model
+        holdout = HoldoutTopK.build(d.tu, d.ti, d.vu, d.vi, d.n_users, d.n_items, cfg.eval_users, cfg.seed)
+        if not d.implicit:
+            assert fit.valid_pred is not None and d.baseline is not None and d.scale is not None
+            served = cold_start_fill(fit.valid_pred, d.vu, d.vi, d.baseline, d.scale)
+            base = d.baseline.predict(d.vu, d.vi)
+            metrics.update({"valid_rmse": rmse(d.vr, served), "valid_mae": mae(d.vr, served),
+                            "baseline_rmse": rmse(d.vr, base),
+                            "global_mean_rmse": rmse(d.vr, np.full_like(d.vr, d.baseline.mu))})
+            metrics.update(rmse_by_segment(d.vr, served, base, d.vu, d.vi))
+            log.info("valid RMSE %.4f (bias baseline %.4f)", metrics["valid_rmse"], metrics["baseline_rmse"])
+            if self.head is not None:  # the rating model's own top-k, for comparison
+                own = holdout.report(fit.model, TOP_K, prefix="rating_model_")
+                metrics.update({k: v for k, v in own.items() if "precision" in k or "ndcg" in k})
+        if self.head is not None:
+            metrics["ranking_train_seconds"] = self.head_seconds
+        metrics.update(holdout.report(ranker, TOP_K))
+        metrics.update(holdout.report_scores(popularity(unique_pairs(d.tu, d.ti)[1], d.n_items), TOP_K, "pop_"))
+        metrics["ranking_eval_users"] = float(len(holdout.users))
+        if f"precision_at_{TOP_K}" in metrics:
+            log.info("top-%d precision %.4f (popularity %.4f)", TOP_K, metrics[f"precision_at_{TOP_K}"],
+                     metrics[f"pop_precision_at_{TOP_K}"])
         return metrics
 
     def checks(self, fit: Fitted) -> Checks:
         """Can a forest tell valid rows from training rows, or predict ratings, from activity alone?"""
         d = self.data
         fcfg = ForestConfig(seed=self.cfg.seed, n_estimators=30, max_rows=100_000)
-        f_train = activity_features(d.tu, d.ti, d.train_df["timestamp"].to_numpy(), d.tu, d.ti, d.tr,
+        tr = None if d.implicit else d.tr
+        f_train = activity_features(d.tu, d.ti, d.train_df["timestamp"].to_numpy(), d.tu, d.ti, tr,
                                     d.n_users, d.n_items)
-        f_valid = activity_features(d.vu, d.vi, d.valid_df["timestamp"].to_numpy(), d.tu, d.ti, d.tr,
+        f_valid = activity_features(d.vu, d.vi, d.valid_df["timestamp"].to_numpy(), d.tu, d.ti, tr,
                                     d.n_users, d.n_items)
         adv = adversarial_validation(f_train, f_valid, cfg=fcfg)
-        rf = rf_baseline(f_train.drop(columns="timestamp"), d.tr, f_valid.drop(columns="timestamp"), d.vr, rmse,
-                         fcfg)
-        return Checks(metrics={"adversarial_auc": adv.auc, "rf_valid_rmse": rf.valid_score},
-                      report={"adversarial": adv.to_dict() if hasattr(adv, "to_dict") else asdict(adv),
-                              "rf_baseline": rf.to_dict()})
+        report: dict[str, Any] = {"adversarial": adv.to_dict() if hasattr(adv, "to_dict") else asdict(adv)}
+        metrics = {"adversarial_auc": adv.auc}
+        if not d.implicit:
+            rf = rf_baseline(f_train.drop(columns="timestamp"), d.tr, f_valid.drop(columns="timestamp"), d.vr, rmse,
+                             fcfg)
+            metrics["rf_valid_rmse"] = rf.valid_score
+            report["rf_baseline"] = rf.to_dict()
+        return Checks(metrics=metrics, report=report)
 
     def plots(self, fit: Fitted) -> list[Path | None]:
         d, tmp = self.data, fit.tmp
-        plots: list[Path | None] = [reports.predicted_vs_actual(d.vr, fit.valid_pred, tmp / "pred_vs_actual.png",
-                                                                "valid ratings", discrete=True)]
+        plots: list[Path | None] = []
+        if fit.valid_pred is not None:
+            plots.append(reports.predicted_vs_actual(d.vr, fit.valid_pred, tmp / "pred_vs_actual.png",
+                                                     "valid ratings", discrete=True))
+        if self.head_history is not None and len(self.head_history):
+            plots.append(reports.learning_curves(self.head_history, tmp / "ranking_learning_curves.png"))
         labels = [t or str(i) for t, i in zip(d.titles, d.items, strict=True)]
         biases = item_biases(fit.model)
         if biases is not None:
             plots.append(reports.bias_bars(labels, biases.numpy()[1:], tmp / "item_bias.png"))
         counts = np.bincount(d.ti, minlength=d.n_items)
         top = np.argsort(-counts[1:], kind="stable")[:300]
-        emb = item_factors(fit.model).numpy()[1:][top]
+        emb = item_factors(self.head if self.head is not None else fit.model).numpy()[1:][top]
         plots.append(reports.embedding_map(emb, [labels[j] for j in top], tmp / "item_embeddings.png",
                                            "Item embeddings (PCA), most-rated items labelled"))
         return plots
 
     def bundle(self, fit: Fitted, metrics: dict[str, float], fingerprint: str, run_id: str) -> BundleParts:
         cfg, d, model = self.cfg, self.data, fit.model
-        cold_idx, cold_scores = cold_start_ranking(model, d.tu, d.ti, d.n_items, cfg.min_ratings_cold_start, cfg.seed)
-        seen_ptr, seen_idx = csr_from_pairs(d.tu, d.ti, d.n_users)
+        # Everything the user interacted with in the data given to training (train and valid) is
+        # excluded from served recommendations; the metrics above exclude only training items.
+        all_u, all_i = unique_pairs(np.concatenate([d.tu, d.vu]), np.concatenate([d.ti, d.vi]))
+        known = (all_u > 0) & (all_i > 0)
+        seen_ptr, seen_idx = csr_from_pairs(all_u[known], all_i[known], d.n_users)
+        if d.implicit or self.head is not None:
+            cold_idx, cold_scores = popularity_cold_start(all_u[known], all_i[known], d.n_items)
+        else:
+            cold_idx, cold_scores = cold_start_ranking(model, d.tu, d.ti, d.n_items, cfg.min_ratings_cold_start,
+                                                       cfg.seed)
         schema = InputSchema([InputField("user", "id", description="external user id"),
                               InputField("item", "id", description="external item id")])
         spec = RatingsSpec(
             model=ModelSpec.of(model), inputs=schema, users=[str(u) for u in d.users],
             items=[str(i) for i in d.items], item_titles=d.titles if any(d.titles) else None,
-            rating_scale=list(d.scale), y_range=list(d.y_range), metrics={k: float(v) for k, v in metrics.items()},
-            data_fingerprint=fingerprint, training=asdict(cfg), run_id=run_id,
+            rating_scale=None if d.scale is None else list(d.scale),
+            y_range=None if d.y_range is None else list(d.y_range),
+            metrics={k: float(v) for k, v in metrics.items()}, data_fingerprint=fingerprint,
+            training=asdict(cfg), run_id=run_id,
+            ranking=ModelSpec.of(self.head, prefix="ranking") if self.head is not None else None,
+            global_mean=None if d.baseline is None else d.baseline.mu, interactions_only=d.implicit,
         )
         extras = {
             SEEN_INDPTR: torch.from_numpy(seen_ptr), SEEN_INDICES: torch.from_numpy(seen_idx.astype(np.int32)),
             COLD_START_RANK: torch.from_numpy(cold_idx), COLD_START_SCORES: torch.from_numpy(cold_scores),
         }
+        if d.baseline is not None:
+            extras[BASELINE_USER_BIAS] = torch.from_numpy(d.baseline.user_bias.astype(np.float32))
+            extras[BASELINE_ITEM_BIAS] = torch.from_numpy(d.baseline.item_bias.astype(np.float32))
         example = d.valid_df[["user", "item"]].head(5).reset_index(drop=True)
-        return BundleParts(spec, [model], extras=extras, example=example,
-                           example_pred=fit.valid_pred[:5].astype(np.float64))
+        if d.implicit:  # no rating predictions: the signature's output is a placeholder column
+            example_pred = np.full(len(example), np.nan)
+        else:
+            assert fit.valid_pred is not None and d.scale is not None and d.baseline is not None
+            example_pred = cold_start_fill(fit.valid_pred[:5], d.vu[:5], d.vi[:5], d.baseline, d.scale)
+        networks = [model, *([self.head] if self.head is not None else [])]
+        return BundleParts(spec, networks, extras=extras, example=example, example_pred=example_pred)
+
+
+def head_task(cfg: RatingsConfig, d: RatingsData) -> RankingTask:
+    """The ranking head's objective and rows: every (user, item) of the training split once."""
+    return ranking_task(cfg.ranking_loss, d.tu, d.ti, d.n_users, d.n_items, d.vu, d.vi,
+                        n_negatives=cfg.ranking_negatives)
 
 
 def prepare(cfg: RatingsConfig) -> RatingsData:
     """Read the ratings (and item titles), split, build the vocabularies and the tensors."""
     train_df, valid_df = load_data(cfg)
+    implicit = bool(train_df.attrs.get("implicit")) or bool(valid_df.attrs.get("implicit"))
+    if implicit and train_df["rating"].notna().any():
+        raise DataError(f"{cfg.valid}: has no rating column while {cfg.ratings} has ratings; give both "
+                        "files the same columns")
     items_meta = read_items(cfg.items) if cfg.items else None
-    scale = rating_scale(pd.concat([train_df["rating"], valid_df["rating"]]).to_frame("rating"))
     users, items = _vocab(train_df["user"]), _vocab(train_df["item"])
     tu, ti = _encode(users, train_df["user"]), _encode(items, train_df["item"])
     vu, vi = _encode(users, valid_df["user"]), _encode(items, valid_df["item"])
     tr = train_df["rating"].to_numpy(np.float32)
     vr = valid_df["rating"].to_numpy(np.float32)
+    files = [p for p in (cfg.ratings, cfg.valid, cfg.items) if p]
+    titles = _titles(items, items_meta)
+    n_users, n_items = len(users) + 1, len(items) + 1
+    if implicit:
+        if not ((vu > 0) & (vi > 0)).any():
+            raise DataError("no validation user is known from training: nothing to evaluate the ranking on; "
+                            "use --split user-stratified or a validation file of known users")
+        log.info("%s has no rating column: training the ranking head only (%s loss, %d epochs, lr %g, wd %g, "
+                 "batch %d)", cfg.ratings, cfg.ranking_loss, cfg.ranking_epochs, cfg.ranking_lr, cfg.ranking_wd,
+                 cfg.ranking_batch_size)
+        # The effective config: the head is the model, so the main fit runs with the head's options.
+        cfg.epochs, cfg.lr, cfg.wd = cfg.ranking_epochs, str(cfg.ranking_lr), cfg.ranking_wd
+        cfg.batch_size = cfg.ranking_batch_size
+        task = ranking_task(cfg.ranking_loss, tu, ti, n_users, n_items, vu, vi, n_negatives=cfg.ranking_negatives)
+        valid = task.valid if task.valid is not None else TensorData(
+            tuple(x[:0] for x in task.train.xs), task.train.y[:0])
+        return RatingsData(train_df, valid_df, users, items, tu, ti, tr, vu, vi, vr, task.train, valid, None, None,
+                           titles, files, implicit=True, ranking=task)
+    scale = rating_scale(pd.concat([train_df["rating"], valid_df["rating"]]).to_frame("rating"))
     train = TensorData((torch.from_numpy(tu), torch.from_numpy(ti)), torch.from_numpy(tr))
     valid = TensorData((torch.from_numpy(vu), torch.from_numpy(vi)), torch.from_numpy(vr))
-    files = [p for p in (cfg.ratings, cfg.valid, cfg.items) if p]
+    baseline = fit_bias_baseline(tu, ti, tr, n_users, n_items)
     return RatingsData(train_df, valid_df, users, items, tu, ti, tr, vu, vi, vr, train, valid, scale,
-                       y_range_for(scale), _titles(items, items_meta), files)
+                       y_range_for(scale), titles, files, baseline=baseline)
 
 
 def load_data(cfg: RatingsConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read the ratings and build the (train, valid) split the config asks for."""
     kw = dict(fmt=cfg.format, user_col=cfg.user_col, item_col=cfg.item_col, rating_col=cfg.rating_col,
-              time_col=cfg.time_col)
+              time_col=cfg.time_col, require_rating=False)
     ratings = read_ratings(cfg.ratings, **kw)
     if cfg.valid:
         return ratings, read_ratings(cfg.valid, **kw)
-    return split_ratings(ratings, cfg.valid_frac, cfg.split, cfg.seed)
-
-
-def split_ratings(df: pd.DataFrame, frac: float, how: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Random (seeded), global time cut-off, or each user's latest rating(s) held out."""
-    n = len(df)
-    if how == "random":
-        rng = np.random.default_rng(seed)
-        is_valid = np.zeros(n, dtype=bool)
-        is_valid[rng.permutation(n)[: int(round(n * frac))]] = True
-    elif how == "time":
-        cutoff = np.quantile(df["timestamp"].to_numpy(), 1.0 - frac)
-        is_valid = (df["timestamp"] > cutoff).to_numpy()
-    else:  # user-last: each user's most recent rating, for users with at least 2
-        order = df.sort_values(["user", "timestamp"], kind="stable")
-        last = ~order["user"].duplicated(keep="last")
-        multi = order.groupby("user")["user"].transform("size") >= 2
-        is_valid = np.zeros(n, dtype=bool)
-        is_valid[df.index.get_indexer(order.index[(last & multi).to_numpy()])] = True
-    train, valid = df[~is_valid].reset_index(drop=True), df[is_valid].reset_index(drop=True)
-    if len(train) == 0 or len(valid) == 0:
-        raise DataError(f"split {how!r} with fraction {frac} leaves an empty train or valid set")
+    train, valid = split_ratings(ratings, cfg.valid_frac, cfg.split, cfg.seed)
+    train.attrs.update(ratings.attrs)
+    valid.attrs.update(ratings.attrs)
     return train, valid
 
 
@@ -280,67 +391,11 @@ def find_lr(cfg: RatingsConfig) -> LRFinderResult:
     """`tabrec lr-find ratings`: the lr finder on the training part of the configured data."""
     cfg.validate()
     train_df, _ = load_data(cfg)
+    if train_df.attrs.get("implicit"):
+        raise DataError(f"{cfg.ratings}: has no rating column; the lr finder tunes the rating model")
     users, items = _vocab(train_df["user"]), _vocab(train_df["item"])
     tu, ti = _encode(users, train_df["user"]), _encode(items, train_df["item"])
     train = TensorData((torch.from_numpy(tu), torch.from_numpy(ti)),
                        torch.from_numpy(train_df["rating"].to_numpy(np.float32)))
     y_range = y_range_for(rating_scale(train_df))
     return seeded_lr_find(cfg, lambda: build_model(cfg, len(users) + 1, len(items) + 1, y_range), train)
-
-
-def ranking_metrics(
-    model: torch.nn.Module,
-    train_u: np.ndarray,
-    train_i: np.ndarray,
-    valid_u: np.ndarray,
-    valid_i: np.ndarray,
-    valid_r: np.ndarray,
-    n_users: int,
-    n_items: int,
-    relevant_min: float,
-    k: int = 10,
-) -> dict[str, float]:
-    """precision/recall/NDCG@k on valid items rated >= relevant_min, training items excluded."""
-    mask = (valid_r >= relevant_min) & (valid_u > 0) & (valid_i > 0)
-    users = np.unique(valid_u[mask])
-    if len(users) == 0:
-        return {}
-    seen = csr_from_pairs(train_u, train_i, n_users)
-    rel_ptr_all, rel_idx_all = csr_from_pairs(valid_u[mask], valid_i[mask], n_users)
-    rec, _ = top_k_for_users(model, users, k, seen)
-    rel_ptr, rel_idx = csr_rows(rel_ptr_all, rel_idx_all, users)
-    coverage = len(np.unique(rec[rec > 0])) / max(1, n_items - 1)
-    return {
-        f"precision_at_{k}": precision_at_k(rec, (rel_ptr, rel_idx), k),
-        f"recall_at_{k}": recall_at_k(rec, (rel_ptr, rel_idx), k),
-        f"ndcg_at_{k}": ndcg_at_k(rec, (rel_ptr, rel_idx), k),
-        f"coverage_at_{k}": coverage,
-    }
-
-
-def activity_features(df_u: np.ndarray, df_i: np.ndarray, ts: np.ndarray, train_u: np.ndarray,
-                      train_i: np.ndarray, train_r: np.ndarray, n_users: int, n_items: int) -> pd.DataFrame:
-    """Per-row user/item activity statistics from the training set (for forest checks)."""
-    u_cnt = np.bincount(train_u, minlength=n_users)
-    i_cnt = np.bincount(train_i, minlength=n_items)
-    u_mean = np.bincount(train_u, weights=train_r, minlength=n_users) / np.maximum(u_cnt, 1)
-    i_mean = np.bincount(train_i, weights=train_r, minlength=n_items) / np.maximum(i_cnt, 1)
-    return pd.DataFrame({
-        "user_count": u_cnt[df_u], "item_count": i_cnt[df_i],
-        "user_mean": u_mean[df_u], "item_mean": i_mean[df_i], "timestamp": ts.astype(np.float64),
-    })
-
-
-def cold_start_ranking(model: torch.nn.Module, train_u: np.ndarray, train_i: np.ndarray,
-                       n_items: int, min_ratings: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Items with enough ratings ranked by mean predicted rating over a sample of known users."""
-    counts = np.bincount(train_i, minlength=n_items)
-    threshold = min(min_ratings, int(np.quantile(counts[1:], 0.5)) if n_items > 1 else 0)
-    candidates = np.flatnonzero(counts >= max(1, threshold))
-    candidates = candidates[candidates > 0]
-    rng = np.random.default_rng(seed)
-    known = np.unique(train_u)
-    sample = rng.choice(known, size=min(256, len(known)), replace=False)
-    scores = score_all_items(model, torch.from_numpy(np.sort(sample))).numpy()[:, candidates].mean(axis=0)
-    order = np.lexsort((candidates, -scores))
-    return candidates[order][:1000].astype(np.int64), scores[order][:1000].astype(np.float32)
