@@ -8,7 +8,7 @@ is read from the bundle's typed spec (`modeling.bundle`); callers never read bun
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from modeling.bundle import (
 )
 from modeling.drift import DriftSampler
 from modeling.errors import DataError
+from modeling.features.base import numbers
 from modeling.schema import InputSchema, RecordsError, canonical_strings
 from modeling.uri import ModelUri
 
@@ -91,6 +92,24 @@ def forward_chunks(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarra
     return out
 
 
+SMALL_BATCH_ROWS = 32  # from this many rows up, a row's float32 output does not depend on the batch
+
+
+def forward_small(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray]) -> np.ndarray:
+    """`forward_chunks` for a small batch, as float64, with the batch path's exact float32 bits.
+
+    BLAS picks other kernels for very few rows (a matrix-vector product for one row), whose
+    float32 sums round differently: up to 2 ulps of log(Sales), 2e-6 relative after exp. So a
+    batch under SMALL_BATCH_ROWS is padded to that many rows (repeats of its first row), where
+    the results are those of any larger batch (the property tests check it against batch
+    scoring); the padding costs a fraction of the per-layer overhead that dominates small calls."""
+    n = len(inputs[0])
+    if n < SMALL_BATCH_ROWS:
+        pad = SMALL_BATCH_ROWS - n
+        inputs = [np.concatenate([a, np.repeat(a[:1], pad, axis=0)]) for a in inputs]
+    return forward_chunks(models, inputs)[:n].astype(np.float64)
+
+
 class TabularPredictor(Predictor):
     kind = "tabular"
     spec: TabularSpec
@@ -127,6 +146,33 @@ class TabularPredictor(Predictor):
         """Predictions for raw rows. `on_features(feats, fixed)` receives each call's engineered
         features and zero_when mask (the batch drift check samples them: no second pass)."""
         return self._predict(df, source, None, on_features)[0]
+
+    def predict_records(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray | None:
+        """`predict` for parsed JSON records (dicts), without a DataFrame: the small-request path.
+
+        The bundle's schema reads the records into typed arrays (`InputSchema.validate_records`),
+        the same feature steps and processor run over them (`transform_arrays`), then the
+        networks, the target transform and the zero_when rules as in `predict`; the answers equal
+        `predict` on the records' frame (tests/test_fastpath.py). None when a value needs the
+        frame path's reading or error (numeric strings, NaN, bad values): call `predict` then."""
+        n = len(records)
+        cols = self.schema.validate_records(records)
+        if cols is None:
+            return None
+        if n == 0:
+            return np.empty(0, dtype=np.float64)
+        feats = self.features.transform_arrays(cols, n) if self.features is not None else cols
+        if feats is None:
+            return None
+        fixed = np.zeros(n, dtype=bool)
+        for rule in self.zero_when:
+            if rule.column in feats:
+                fixed |= numbers(feats[rule.column]) == rule.equals
+        x_cat, x_cont = self.processor.transform_arrays(feats, n)
+        raw = forward_small(self.networks, (x_cat, x_cont))
+        pred = np.exp(raw) if self.target_transform == "log" else raw
+        pred[fixed] = 0.0
+        return pred
 
     @property
     def has_spread(self) -> bool:
@@ -310,6 +356,19 @@ class RatingsPredictor(Predictor):
         u = self.user_index(clean["user"])
         i = self.item_index(clean["item"])
         return forward_chunks([self.model], (u.astype(np.int64), i.astype(np.int64))).astype(np.float64)
+
+    def predict_records(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray | None:
+        """`predict` for parsed JSON records (dicts) without a DataFrame (the small-request path):
+        ids read and canonicalised by the schema (`validate_records`), looked up in the prepared
+        user and item indexes; None when a value needs `predict`'s reading or error."""
+        cols = self.schema.validate_records(records)
+        if cols is None:
+            return None
+        if len(records) == 0:
+            return np.empty(0, dtype=np.float64)
+        u = self.users.get_indexer(cols["user"]) + 1
+        i = self.items.get_indexer(cols["item"]) + 1
+        return forward_small([self.model], (u.astype(np.int64), i.astype(np.int64)))
 
     def top_k(self, users: Sequence[Any], k: int = 10,
               exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -134,6 +134,7 @@ class JoinTable(Step):
         left = [df[k] for k in self.on]
         if keys is not None and keys.accepts(left):
             return keys.positions(left)
+        left = [lk if isinstance(lk, pd.Series) else pd.Series(lk, copy=False) for lk in left]
         lcode, rcode = _key_codes(left, [self.table[k] for k in self.on.values()])
         pos = pd.Index(rcode).get_indexer(lcode)
         pos[lcode < 0] = -1
