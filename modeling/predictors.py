@@ -32,6 +32,7 @@ from modeling.bundle import (
 )
 from modeling.drift import DriftSampler
 from modeling.errors import DataError
+from modeling.fastpath import SmallForward
 from modeling.features.base import numbers
 from modeling.schema import InputSchema, RecordsError, canonical_strings
 from modeling.uri import ModelUri
@@ -92,22 +93,15 @@ def forward_chunks(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarra
     return out
 
 
-SMALL_BATCH_ROWS = 32  # from this many rows up, a row's float32 output does not depend on the batch
-
-
-def forward_small(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray]) -> np.ndarray:
-    """`forward_chunks` for a small batch, as float64, with the batch path's exact float32 bits.
-
-    BLAS picks other kernels for very few rows (a matrix-vector product for one row), whose
-    float32 sums round differently: up to 2 ulps of log(Sales), 2e-6 relative after exp. So a
-    batch under SMALL_BATCH_ROWS is padded to that many rows (repeats of its first row), where
-    the results are those of any larger batch (the property tests check it against batch
-    scoring); the padding costs a fraction of the per-layer overhead that dominates small calls."""
-    n = len(inputs[0])
-    if n < SMALL_BATCH_ROWS:
-        pad = SMALL_BATCH_ROWS - n
-        inputs = [np.concatenate([a, np.repeat(a[:1], pad, axis=0)]) for a in inputs]
-    return forward_chunks(models, inputs)[:n].astype(np.float64)
+def forward_small(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray],
+                  cache: dict[str, Any] | None = None) -> np.ndarray:
+    """`forward_chunks` for a small batch, as float64 with the batch path's exact float32 bits
+    (`modeling.fastpath.SmallForward`, prepared once per set of networks and kept in `cache`)."""
+    cache = {} if cache is None else cache
+    key = tuple(id(m) for m in models)
+    if cache.get("key") != key:
+        cache["key"], cache["forward"] = key, SmallForward(models)
+    return cache["forward"](inputs)
 
 
 class TabularPredictor(Predictor):
@@ -127,6 +121,7 @@ class TabularPredictor(Predictor):
         self.key_columns: list[str] = list(self.spec.key_columns)
         self.uncertainty: dict[str, Any] = dict(self.spec.uncertainty or {})
         self._forest: Any = None  # ForestArrays, built on the first predict_with_spread
+        self._small: dict[str, Any] = {}  # the small-request forward, prepared on first use
 
     def engineer(self, df: pd.DataFrame, source: str = "request") -> pd.DataFrame:
         """Validate raw rows and compute the engineered features exactly as in training."""
@@ -169,7 +164,7 @@ class TabularPredictor(Predictor):
             if rule.column in feats:
                 fixed |= numbers(feats[rule.column]) == rule.equals
         x_cat, x_cont = self.processor.transform_arrays(feats, n)
-        raw = forward_small(self.networks, (x_cat, x_cont))
+        raw = forward_small(self.networks, (x_cat, x_cont), self._small)
         pred = np.exp(raw) if self.target_transform == "log" else raw
         pred[fixed] = 0.0
         return pred
@@ -330,6 +325,7 @@ class RatingsPredictor(Predictor):
         self.cold_start_rank = extras[COLD_START_RANK].numpy().astype(np.int64)
         self.cold_start_scores = extras[COLD_START_SCORES].numpy().astype(np.float32)
         self.rating_scale = tuple(self.spec.rating_scale or (None, None))
+        self._small: dict[str, Any] = {}  # the small-request forward, prepared on first use
 
     @property
     def n_items(self) -> int:
@@ -368,7 +364,7 @@ class RatingsPredictor(Predictor):
             return np.empty(0, dtype=np.float64)
         u = self.users.get_indexer(cols["user"]) + 1
         i = self.items.get_indexer(cols["item"]) + 1
-        return forward_small([self.model], (u.astype(np.int64), i.astype(np.int64)))
+        return forward_small([self.model], (u.astype(np.int64), i.astype(np.int64)), self._small)
 
     def top_k(self, users: Sequence[Any], k: int = 10,
               exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

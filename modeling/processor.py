@@ -143,9 +143,10 @@ def _fast_codes(s: pd.Series | np.ndarray, vocab_index: pd.Index,
         return None
     values = s if isinstance(s, np.ndarray) else s.to_numpy()
     if dtype.kind == "O":
-        if ptypes.infer_dtype(values, skipna=False) != "string":
-            return None  # mixed, missing or non-string objects need canonicalising
-        return (vocab_index.get_indexer(values) + 1).astype(np.int64)  # a str is its own canonical form
+        if ptypes.infer_dtype(values, skipna=True) != "string":
+            return None  # mixed or non-string objects need canonicalising
+        # a str is its own canonical form; missing values (None, NaN) are in no vocabulary: code 0
+        return (vocab_index.get_indexer(values) + 1).astype(np.int64)
     if dtype.kind == "b":
         pair = vocab_index.get_indexer(pd.Index(["False", "True"], dtype=object)) + 1
         return pair.astype(np.int64)[values.astype(np.int64)]

@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modeling.predictors import SMALL_BATCH_ROWS, RatingsPredictor, TabularPredictor, load_predictor
+from modeling.fastpath import SMALL_BATCH_ROWS
+from modeling.predictors import RatingsPredictor, TabularPredictor, load_predictor
 from modeling.schema import InputField, InputSchema, RecordsError
 from pipelines.batch import score_file
 from service.schemas import InputError, records_frame

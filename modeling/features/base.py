@@ -19,11 +19,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+from pandas.api.types import infer_dtype
 
 from modeling.errors import DataError
 
 STEP_REGISTRY: dict[str, type[Step]] = {}
 FALSE_STRINGS = ["0", "", "false", "False", "FALSE", "no", "No", "n", "f", "0.0"]
+_FALSE_TEXT = pd.Index(FALSE_STRINGS, dtype=object)
 
 
 def register(cls: type[Step]) -> type[Step]:
@@ -45,6 +47,8 @@ def truthy(values: pd.Series | np.ndarray) -> np.ndarray:
         if values.dtype.kind in "iuf":
             num = values.astype("float64", copy=False)
             return ~np.isnan(num) & (num != 0)
+        if infer_dtype(values, skipna=False) == "string":  # plain strings: no Series needed
+            return _FALSE_TEXT.get_indexer(values) < 0
         values = pd.Series(values, dtype=object, copy=False)
     if pd.api.types.is_bool_dtype(values.dtype):
         return values.fillna(False).to_numpy(dtype=bool)
@@ -124,6 +128,31 @@ def missing(values: pd.Series | np.ndarray) -> np.ndarray:
             return np.isnat(values)
         return pd.isna(values)
     return values.isna().to_numpy(dtype=bool)
+
+
+class Positions:
+    """`index.get_indexer(values)` (position of each value, -1 where absent) for a unique index,
+    with a sorted int64 copy for integer and datetime keys: a plain-array lookup is then one
+    searchsorted (no Index built per call, which dominated one-record requests); other keys, and
+    Series (the frame path), go to `get_indexer` itself. Same answers either way."""
+
+    def __init__(self, index: pd.Index) -> None:
+        self.index = index
+        self.kind = index.dtype.kind if isinstance(index.dtype, np.dtype) else ""
+        self.keys: np.ndarray | None = None
+        if self.kind in "iM" and index.is_unique and len(index):
+            raw = index.to_numpy().view(np.int64) if self.kind == "M" else index.to_numpy().astype(np.int64)
+            self.order = np.argsort(raw, kind="stable")
+            self.keys = raw[self.order]
+
+    def __call__(self, values: pd.Series | np.ndarray) -> np.ndarray:
+        keys = self.keys
+        if keys is not None and isinstance(values, np.ndarray) and (
+                values.dtype == self.index.dtype and (self.kind == "i" or values.dtype == "datetime64[ns]")):
+            q = values.view(np.int64) if self.kind == "M" else values.astype(np.int64, copy=False)
+            at = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
+            return np.where(keys[at] == q, self.order[at], -1)
+        return self.index.get_indexer(values)
 
 
 def day_numbers(dates: pd.Series | np.ndarray) -> np.ndarray:
