@@ -1,7 +1,7 @@
 """HTTP serving load: `tabrec serve` against `mlflow models serve` on the same registered models.
 
 Usage: python benchmarks/serve_load.py [--duration 10] [--warmup 2] [--concurrency 1,4]
-                                      [--batch 1,10,100] [--inprocess-repeat 2000]
+                                      [--batch 1,10,100] [--inprocess-repeat 300]
                                       [--tracking-uri URI --rossmann NAME --ratings NAME]
                                       [--keep DIR]
 
@@ -297,7 +297,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each measurement")
     p.add_argument("--concurrency", default="1,4", help="comma-separated closed-loop connection counts")
     p.add_argument("--batch", default="1,10,100", help="comma-separated records per request")
-    p.add_argument("--inprocess-repeat", type=int, default=2000,
+    p.add_argument("--inprocess-repeat", type=int, default=300,
                    help="calls per round of the in-process one-record timing (0: skip it)")
     p.add_argument("--tracking-uri", help="use models already registered in this MLflow store")
     p.add_argument("--rossmann", default="rossmann", help="registered Rossmann model name (alias champion)")

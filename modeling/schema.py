@@ -162,17 +162,17 @@ def _plain_column(values: list[Any], kinds: set[type], f: InputField) -> np.ndar
             return None
         arr = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
         return arr if np.isfinite(arr).sum() == len(values) - values.count(None) else None
-    if f.type == "str" and kinds <= {str}:
-        if f.allowed is not None:
-            allowed = _plain_allowed(tuple(f.allowed))
-            if not all(v in allowed for v in values if v is not None):
-                return None
-            return np.array(values, dtype=object)
-        return canonical_strings(pd.Series(values, dtype=object)).to_numpy()
-    if f.type == "id" and kinds <= {str, int}:
-        if kinds & {int} and any(type(v) is int and not INT64_MIN <= v <= INT64_MAX for v in values):
+    if f.type in ("str", "id") and kinds <= {str, int}:
+        if int in kinds and any(type(v) is int and not INT64_MIN <= v <= INT64_MAX for v in values):
             return None
-        return canonical_strings(pd.Series(values, dtype=object)).to_numpy()
+        if f.allowed is None:
+            return _plain_ids(values)
+        if int in kinds:  # an int's canonical string is its decimal form (0 -> "0")
+            values = [str(v) if type(v) is int else v for v in values]
+        allowed = _plain_allowed(tuple(f.allowed))
+        if not all(v in allowed for v in values if v is not None):
+            return None
+        return np.array(values, dtype=object)
     if f.type == "date" and kinds <= {str}:
         if not all(_PLAIN_DATE.fullmatch(v) for v in values if v is not None):
             return None
@@ -189,6 +189,23 @@ def _plain_column(values: list[Any], kinds: set[type], f: InputField) -> np.ndar
             return None
         return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
     return None
+
+
+_CANONICAL_INT = re.compile(r"0|-?[1-9][0-9]{0,17}")  # int texts canonical_strings keeps as they are
+_DIGIT = re.compile(r"\d")  # any Unicode decimal digit: what float() and pandas parse
+
+
+def _plain_ids(values: list[Any]) -> np.ndarray:
+    """canonical_strings of str/int/None values (ints within int64), skipping pandas when every
+    value is its own canonical string: an int up to 2**53 (exact as a float, which pandas makes of
+    an int beside a null or a text) in decimal, a canonical int text, or a text without digits (no
+    number). Otherwise canonical_strings decides, as on the frame path."""
+    if any(type(v) is int and abs(v) > 2**53 for v in values):
+        return canonical_strings(pd.Series(values, dtype=object)).to_numpy()
+    out = [str(v) if type(v) is int else v for v in values]
+    if all(v is None or _CANONICAL_INT.fullmatch(v) or not _DIGIT.search(v) for v in out):
+        return np.array(out, dtype=object)
+    return canonical_strings(pd.Series(values, dtype=object)).to_numpy()
 
 
 @functools.lru_cache(maxsize=64)

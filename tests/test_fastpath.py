@@ -132,8 +132,9 @@ def test_ratings_fast_path_equals_batch_scoring(ratings: RatingsPredictor, bundl
 
 
 record_values = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 3), st.integers(-(2**70), 2**70), st.sampled_from([1.0, 0.0, 1.5, 2.0**63]),
-    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(["0", "1", "a", "b", "d", "", " 1", "1.0", "x"]),
+    st.none(), st.booleans(), st.integers(-3, 3), st.integers(-(2**70), 2**70), st.sampled_from([2**53 + 1, -(2**60)]), st.sampled_from([1.0, 0.0, 1.5, 2.0**63]),
+    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(["0", "1", "a", "b", "d", "", " 1", "1.0", "x", "007", "1e3", "-0", "+5", "\u0663", "nan",
+                     "9223372036854775808", "123456789012"]),
     st.sampled_from(["2015-07-31", "2015-02-30", "2015-7-31", "01/02/2015", "2015-07-31T10:00", "9999-01-01",
                      "1677-01-01", "2015-13-01", "0001-01-01"]),
 )
@@ -149,7 +150,8 @@ def test_validate_records_matches_validate(records: list[dict[str, Any]]) -> Non
     schema = InputSchema([InputField("i", "int"), InputField("j", "int", required=False),
                           InputField("f", "float", required=False), InputField("s", "str", allowed=["0", "a", "b"]),
                           InputField("d", "date"), InputField("b", "bool", required=False),
-                          InputField("u", "id", required=False)])
+                          InputField("u", "id", required=False), InputField("x", "id", required=False,
+                                                                                allowed=["1", "2", "a"])])
     got = schema.validate_records(records)
     if got is None:
         return
@@ -172,7 +174,7 @@ def test_validate_records_matches_validate(records: list[dict[str, Any]]) -> Non
 BAD_ROSSMANN = [
     {"Store": "x"}, {"Store": True}, {"Store": 1.5}, {"Store": 2**64}, {"Store": None}, {"Date": "2015-02-30"},
     {"Date": "01/02/2015"}, {"Date": 20150917}, {"Open": float("nan")}, {"Open": "1"}, {"StateHoliday": "d"},
-    {"StateHoliday": 0}, {"Promo": [1]}, {"Promo": float("inf")}, {"SchoolHoliday": "1"},
+    {"StateHoliday": 0.0}, {"StateHoliday": False}, {"Promo": [1]}, {"Promo": float("inf")}, {"SchoolHoliday": "1"},
 ]
 
 
@@ -181,6 +183,8 @@ def test_records_the_fast_path_leaves_to_the_frame_path(ross: TabularPredictor, 
     good = {"Store": 1, "DayOfWeek": 5, "Date": "2015-07-31", "Open": 1, "Promo": 1, "StateHoliday": "0",
             "SchoolHoliday": 1}
     assert ross.predict_records([good]) is not None
+    # an int code is read as its decimal string, as the frame path reads it
+    assert ross.predict_records([{**good, "StateHoliday": 0}]) == ross.predict_records([good])
     assert ross.predict_records([good, {**good, **change}]) is None
     missing = {k: v for k, v in good.items() if k != "Store"}
     assert ross.predict_records([missing]) is None
