@@ -1,6 +1,7 @@
 """HTTP serving load: `tabrec serve` against `mlflow models serve` on the same registered models.
 
 Usage: python benchmarks/serve_load.py [--duration 10] [--warmup 2] [--concurrency 1,4]
+                                      [--batch 1,10,100] [--inprocess-repeat 300]
                                       [--tracking-uri URI --rossmann NAME --ratings NAME]
                                       [--keep DIR]
 
@@ -30,6 +31,11 @@ answers or broken connections); `ratio` = tabrec requests/s / MLflow requests/s.
 1-minute load average is sampled at the start of every case: other jobs on the machine
 disturb these figures. Prints one JSON line on stdout; progress goes to stderr. All server
 processes are killed on exit (normal, error, Ctrl-C or SIGTERM).
+
+`in_process` (before the servers start, one torch thread): the cost of predicting one raw
+record in this process, frame path (`predict(records_frame([record]))`, what a request took
+before the small-request path) against the small-request path (`predict_records([record])`),
+median of 5 rounds of `--inprocess-repeat` calls each, for both models.
 """
 
 from __future__ import annotations
@@ -290,7 +296,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per case and server")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each measurement")
     p.add_argument("--concurrency", default="1,4", help="comma-separated closed-loop connection counts")
-    p.add_argument("--batch", default="1,100", help="comma-separated records per request")
+    p.add_argument("--batch", default="1,10,100", help="comma-separated records per request")
+    p.add_argument("--inprocess-repeat", type=int, default=300,
+                   help="calls per round of the in-process one-record timing (0: skip it)")
     p.add_argument("--tracking-uri", help="use models already registered in this MLflow store")
     p.add_argument("--rossmann", default="rossmann", help="registered Rossmann model name (alias champion)")
     p.add_argument("--ratings", default="ratings", help="registered ratings model name (alias champion)")
@@ -327,7 +335,9 @@ def main() -> None:
                 log(f"trained both models in {time.perf_counter() - t0:.0f} s")
             finally:
                 os.chdir(cwd)
+        inproc = in_process(tracking_uri, args, data) if args.inprocess_repeat > 0 else None
         result = run(args, tracking_uri, data, root, concurrencies, batches)
+        result["in_process_one_record_ms"] = inproc
     finally:
         stop_all()
         if tmp is not None:
@@ -382,6 +392,42 @@ def run(args: argparse.Namespace, tracking_uri: str, data: dict[str, Any], root:
             "duration_s": args.duration, "warmup_s": args.warmup, "torch_threads_per_server": 1,
             "workers_per_server": 1, "predictions_agree": agree, "cases": cases,
             "ratio_tabrec_over_mlflow_rps": ratios}
+
+
+def in_process(tracking_uri: str, args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]:
+    """One-record predict in this process: frame path vs small-request path (ms per call)."""
+    import torch
+
+    from modeling.predictors import load_predictor
+    from service.schemas import records_frame
+
+    torch.set_num_threads(1)
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    out: dict[str, Any] = {}
+    rows = {"rossmann": rossmann_rows(data["rossmann_test"], 1)[0], "ratings": ratings_rows(data["ratings_data"], 1)[0]}
+    for kind, name in (("rossmann", args.rossmann), ("ratings", args.ratings)):
+        predictor = load_predictor(f"models:/{name}@champion")
+        record = rows[kind]
+        paths = {"frame": lambda p=predictor, r=record: p.predict(records_frame([r], keep=p.schema.names)),
+                 "fast": lambda p=predictor, r=record: p.predict_records([r])}
+        figures: dict[str, Any] = {}
+        for path, call in paths.items():
+            value = call()
+            assert value is not None, f"{kind}: the small-request path did not take {record}"
+            figures[f"{path}_value"] = float(value[0])
+            for _ in range(50):
+                call()
+            rounds = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(args.inprocess_repeat):
+                    call()
+                rounds.append((time.perf_counter() - t0) / args.inprocess_repeat * 1000.0)
+            figures[path] = round(float(np.median(rounds)), 4)
+        figures["speedup"] = round(figures["frame"] / figures["fast"], 2)
+        log(f"in-process one-record predict, {kind}: frame {figures['frame']} ms, fast {figures['fast']} ms")
+        out[kind] = figures
+    return out
 
 
 def check_agreement(port_a: int, req_a: bytes, port_b: int, req_b: bytes, n: int) -> float | str:

@@ -8,7 +8,7 @@ is read from the bundle's typed spec (`modeling.bundle`); callers never read bun
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ from modeling.bundle import (
 )
 from modeling.drift import DriftSampler
 from modeling.errors import DataError
+from modeling.fastpath import SmallForward
+from modeling.features.base import numbers
 from modeling.schema import InputSchema, RecordsError, canonical_strings
 from modeling.uri import ModelUri
 
@@ -106,6 +108,17 @@ def forward_members(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarr
     return out
 
 
+def forward_small(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray],
+                  cache: dict[str, Any] | None = None) -> np.ndarray:
+    """`forward_chunks` for a small batch, as float64 with the batch path's exact float32 bits
+    (`modeling.fastpath.SmallForward`, prepared once per set of networks and kept in `cache`)."""
+    cache = {} if cache is None else cache
+    key = tuple(id(m) for m in models)
+    if cache.get("key") != key:
+        cache["key"], cache["forward"] = key, SmallForward(models)
+    return cache["forward"](inputs)
+
+
 class TabularPredictor(Predictor):
     kind = "tabular"
     spec: TabularSpec
@@ -123,6 +136,7 @@ class TabularPredictor(Predictor):
         self.key_columns: list[str] = list(self.spec.key_columns)
         self.uncertainty: dict[str, Any] = dict(self.spec.uncertainty or {})
         self._forest: Any = None  # ForestArrays, built on the first predict_with_spread
+        self._small: dict[str, Any] = {}  # the small-request forward, prepared on first use
 
     def engineer(self, df: pd.DataFrame, source: str = "request") -> pd.DataFrame:
         """Validate raw rows and compute the engineered features exactly as in training."""
@@ -142,6 +156,33 @@ class TabularPredictor(Predictor):
         """Predictions for raw rows. `on_features(feats, fixed)` receives each call's engineered
         features and zero_when mask (the batch drift check samples them: no second pass)."""
         return self._predict(df, source, None, on_features)[0]
+
+    def predict_records(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray | None:
+        """`predict` for parsed JSON records (dicts), without a DataFrame: the small-request path.
+
+        The bundle's schema reads the records into typed arrays (`InputSchema.validate_records`),
+        the same feature steps and processor run over them (`transform_arrays`), then the
+        networks, the target transform and the zero_when rules as in `predict`; the answers equal
+        `predict` on the records' frame (tests/test_fastpath.py). None when a value needs the
+        frame path's reading or error (numeric strings, NaN, bad values): call `predict` then."""
+        n = len(records)
+        cols = self.schema.validate_records(records)
+        if cols is None:
+            return None
+        if n == 0:
+            return np.empty(0, dtype=np.float64)
+        feats = self.features.transform_arrays(cols, n) if self.features is not None else cols
+        if feats is None:
+            return None
+        fixed = np.zeros(n, dtype=bool)
+        for rule in self.zero_when:
+            if rule.column in feats:
+                fixed |= numbers(feats[rule.column]) == rule.equals
+        x_cat, x_cont = self.processor.transform_arrays(feats, n)
+        raw = forward_small(self.networks, (x_cat, x_cont), self._small)
+        pred = np.exp(raw) if self.target_transform == "log" else raw
+        pred[fixed] = 0.0
+        return pred
 
     @property
     def has_spread(self) -> bool:
@@ -340,6 +381,7 @@ class RatingsPredictor(Predictor):
     def predicts_ratings(self) -> bool:
         """False for a bundle trained on interactions without ratings (ranking only)."""
         return not self.spec.interactions_only
+        self._small: dict[str, Any] = {}  # the small-request forward, prepared on first use
 
     @property
     def n_items(self) -> int:
@@ -369,11 +411,30 @@ class RatingsPredictor(Predictor):
         clean = self.schema.validate(df.reset_index(drop=True), source=source)
         u = self.user_index(clean["user"]).astype(np.int64)
         i = self.item_index(clean["item"]).astype(np.int64)
-        pred = forward_chunks([self.model], (u, i)).astype(np.float64)
+        return self._served(forward_chunks([self.model], (u, i)).astype(np.float64), u, i)
+
+    def _served(self, pred: np.ndarray, u: np.ndarray, i: np.ndarray) -> np.ndarray:
+        """The network's ratings with the cold-start rule applied (unknown user or item: the bias
+        baseline's answer)."""
         if self.baseline is None:  # a bundle from before the cold-start rule
             return pred
         scale = self.spec.rating_scale
         return cold_start_fill(pred, u, i, self.baseline, None if scale is None else (scale[0], scale[1]))
+
+    def predict_records(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray | None:
+        """`predict` for parsed JSON records (dicts) without a DataFrame (the small-request path):
+        ids read and canonicalised by the schema (`validate_records`), looked up in the prepared
+        user and item indexes; None when a value needs `predict`'s reading or error."""
+        if not self.predicts_ratings:
+            return None  # `predict` gives the error
+        cols = self.schema.validate_records(records)
+        if cols is None:
+            return None
+        if len(records) == 0:
+            return np.empty(0, dtype=np.float64)
+        u = (self.users.get_indexer(cols["user"]) + 1).astype(np.int64)
+        i = (self.items.get_indexer(cols["item"]) + 1).astype(np.int64)
+        return self._served(forward_small([self.model], (u, i), self._small), u, i)
 
     def top_k(self, users: Sequence[Any], k: int = 10,
               exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

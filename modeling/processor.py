@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -95,7 +95,7 @@ def _canon_index(u: pd.Index) -> np.ndarray:
     return np.array([_canon_scalar(v) for v in u], dtype=object)
 
 
-def _factorize_canon(s: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+def _factorize_canon(s: pd.Series | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(row -> unique position, -1 when missing) and the canonical string of each unique."""
     codes, uniques = pd.factorize(s, use_na_sentinel=True)
     return codes, _canon_index(pd.Index(uniques))
@@ -132,7 +132,8 @@ def _dense_codes(values: np.ndarray, int_table: tuple[int, np.ndarray]) -> np.nd
     return out
 
 
-def _fast_codes(s: pd.Series, vocab_index: pd.Index, int_table: tuple[int, np.ndarray] | None) -> np.ndarray | None:
+def _fast_codes(s: pd.Series | np.ndarray, vocab_index: pd.Index,
+                int_table: tuple[int, np.ndarray] | None) -> np.ndarray | None:
     """Codes for plain numpy int/float/bool/str columns without canonicalising; None: general path.
 
     Gives exactly what the general path gives: an integral float canonicalises like the int.
@@ -140,20 +141,21 @@ def _fast_codes(s: pd.Series, vocab_index: pd.Index, int_table: tuple[int, np.nd
     dtype = s.dtype
     if not isinstance(dtype, np.dtype):
         return None
+    values = s if isinstance(s, np.ndarray) else s.to_numpy()
     if dtype.kind == "O":
-        values = s.to_numpy()
-        if ptypes.infer_dtype(values, skipna=False) != "string":
-            return None  # mixed, missing or non-string objects need canonicalising
-        return (vocab_index.get_indexer(values) + 1).astype(np.int64)  # a str is its own canonical form
+        if ptypes.infer_dtype(values, skipna=True) != "string":
+            return None  # mixed or non-string objects need canonicalising
+        # a str is its own canonical form; missing values (None, NaN) are in no vocabulary: code 0
+        return (vocab_index.get_indexer(values) + 1).astype(np.int64)
     if dtype.kind == "b":
         pair = vocab_index.get_indexer(pd.Index(["False", "True"], dtype=object)) + 1
-        return pair.astype(np.int64)[s.to_numpy().astype(np.int64)]
+        return pair.astype(np.int64)[values.astype(np.int64)]
     if int_table is None:
         return None
     if dtype.kind == "i" or (dtype.kind == "u" and dtype.itemsize < 8):
-        return _dense_codes(s.to_numpy().astype(np.int64, copy=False), int_table)
+        return _dense_codes(values.astype(np.int64, copy=False), int_table)
     if dtype.kind == "f":
-        x = s.to_numpy()
+        x = values
         missing = np.isnan(x)
         if not np.all(missing | ((x == np.floor(x)) & (np.abs(x) < _INT64_LIMIT))):
             return None  # fractional or infinite values canonicalise as float strings
@@ -163,13 +165,13 @@ def _fast_codes(s: pd.Series, vocab_index: pd.Index, int_table: tuple[int, np.nd
     return None
 
 
-def _lookup_codes(s: pd.Series, vocab_index: pd.Index, int_table: tuple[int, np.ndarray] | None = None) -> np.ndarray:
+def _lookup_codes(s: pd.Series | np.ndarray, vocab_index: pd.Index, int_table: tuple[int, np.ndarray] | None = None) -> np.ndarray:
     """Vectorised value -> code; code = vocab position + 1, 0 for unseen or missing."""
     fast = _fast_codes(s, vocab_index, int_table)
     return fast if fast is not None else _general_codes(s, vocab_index)
 
 
-def _general_codes(s: pd.Series, vocab_index: pd.Index) -> np.ndarray:
+def _general_codes(s: pd.Series | np.ndarray, vocab_index: pd.Index) -> np.ndarray:
     """Any dtype: factorize, canonicalise the uniques, look them up."""
     row_pos, canon = _factorize_canon(s)
     found = vocab_index.get_indexer(pd.Index(canon, dtype=object)) + 1
@@ -181,8 +183,12 @@ def _general_codes(s: pd.Series, vocab_index: pd.Index) -> np.ndarray:
 # ---------------------------------------------------------------- continuous conversion
 
 
-def _to_float(s: pd.Series, col: str) -> np.ndarray:
+def _to_float(s: pd.Series | np.ndarray, col: str) -> np.ndarray:
     """Continuous column as float64 with NaN for missing; bad strings raise DataError."""
+    if isinstance(s, np.ndarray):
+        if s.dtype.kind in "biuf":
+            return s.astype(np.float64)
+        s = pd.Series(s, copy=False)
     dtype = s.dtype
     if isinstance(dtype, pd.CategoricalDtype):
         s = s.astype(object)
@@ -324,7 +330,18 @@ class TabularProcessor:
         """(x_cat int64 [n, len(cat_names_out)], x_cont float32 [n, len(cont_names)])."""
         self._require_fitted()
         _require_columns(df, self.cat_names + self.cont_names)
-        n = len(df)
+        return self._encode(df, len(df))
+
+    def transform_arrays(self, cols: Mapping[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+        """`transform` over plain arrays by column name (the small-request path): the same
+        lookups and scaling, without a DataFrame."""
+        self._require_fitted()
+        missing = [c for c in self.cat_names + self.cont_names if c not in cols]
+        if missing:
+            raise DataError(f"input is missing required column(s): {missing}")
+        return self._encode(cols, n)
+
+    def _encode(self, df: pd.DataFrame | Mapping[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
         x_cat = np.zeros((n, len(self.cat_names_out)), dtype=np.int64)
         x_cont = np.zeros((n, len(self.cont_names)), dtype=np.float32)
         for j, c in enumerate(self.cat_names):

@@ -19,11 +19,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+from pandas.api.types import infer_dtype
 
 from modeling.errors import DataError
 
 STEP_REGISTRY: dict[str, type[Step]] = {}
 FALSE_STRINGS = ["0", "", "false", "False", "FALSE", "no", "No", "n", "f", "0.0"]
+_FALSE_TEXT = pd.Index(FALSE_STRINGS, dtype=object)
 
 
 def register(cls: type[Step]) -> type[Step]:
@@ -35,9 +37,19 @@ def register(cls: type[Step]) -> type[Step]:
 # ---------------------------------------------------------------------------- helpers
 
 
-def truthy(values: pd.Series) -> np.ndarray:
+def truthy(values: pd.Series | np.ndarray) -> np.ndarray:
     """Boolean-ish column -> bool array: nonzero numbers, True, and strings other than
-    "0"/""/"false"/"no" are True; missing values are False."""
+    "0"/""/"false"/"no" are True; missing values are False. A Series or a plain array (the
+    small-request path), with the same answers."""
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind == "b":
+            return values
+        if values.dtype.kind in "iuf":
+            num = values.astype("float64", copy=False)
+            return ~np.isnan(num) & (num != 0)
+        if infer_dtype(values, skipna=False) == "string":  # plain strings: no Series needed
+            return _FALSE_TEXT.get_indexer(values) < 0
+        values = pd.Series(values, dtype=object, copy=False)
     if pd.api.types.is_bool_dtype(values.dtype):
         return values.fillna(False).to_numpy(dtype=bool)
     if pd.api.types.is_numeric_dtype(values.dtype):
@@ -46,15 +58,19 @@ def truthy(values: pd.Series) -> np.ndarray:
     return (values.notna() & ~values.isin(FALSE_STRINGS + [0, False])).to_numpy(dtype=bool)
 
 
-def numbers(values: pd.Series) -> np.ndarray:
+def numbers(values: pd.Series | np.ndarray) -> np.ndarray:
     """Column -> float64 array, NaN where missing or not a number (pd.to_numeric, coerce)."""
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind in "iufb":
+            return values.astype("float64")
+        values = pd.Series(values, copy=False)
     if not pd.api.types.is_numeric_dtype(values.dtype):
         values = pd.to_numeric(values, errors="coerce")
     return values.to_numpy(dtype="float64", na_value=np.nan)
 
 
 
-def require(df: pd.DataFrame | Columns, columns: Iterable[str], step: str) -> None:
+def require(df: pd.DataFrame | Columns | ArrayColumns, columns: Iterable[str], step: str) -> None:
     """Raise DataError naming the columns a step needs that `df` lacks."""
     missing = [c for c in columns if c not in df.columns]
     if missing:
@@ -93,9 +109,56 @@ def as_datetime(values: pd.Series, column: str, step: str) -> pd.Series:
         raise DataError(f"feature step {step!r}: column {column!r} is not a date ({err})") from None
 
 
-def day_numbers(dates: pd.Series) -> np.ndarray:
+def datetimes(values: pd.Series | np.ndarray, column: str, step: str) -> np.ndarray:
+    """Column -> datetime64[ns] array (`as_datetime` for a Series or a plain array)."""
+    if isinstance(values, np.ndarray) and values.dtype == "datetime64[ns]":
+        return values
+    series = values if isinstance(values, pd.Series) else pd.Series(values, copy=False)
+    return as_datetime(series, column, step).to_numpy(dtype="datetime64[ns]")
+
+
+def missing(values: pd.Series | np.ndarray) -> np.ndarray:
+    """Bool array: where a column (Series or plain array) has no value."""
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind in "iub":
+            return np.zeros(len(values), dtype=bool)
+        if values.dtype.kind == "f":
+            return np.isnan(values)
+        if values.dtype.kind in "mM":
+            return np.isnat(values)
+        return pd.isna(values)
+    return values.isna().to_numpy(dtype=bool)
+
+
+class Positions:
+    """`index.get_indexer(values)` (position of each value, -1 where absent) for a unique index,
+    with a sorted int64 copy for integer and datetime keys: a plain-array lookup is then one
+    searchsorted (no Index built per call, which dominated one-record requests); other keys, and
+    Series (the frame path), go to `get_indexer` itself. Same answers either way."""
+
+    def __init__(self, index: pd.Index) -> None:
+        self.index = index
+        self.kind = index.dtype.kind if isinstance(index.dtype, np.dtype) else ""
+        self.keys: np.ndarray | None = None
+        if self.kind in "iM" and index.is_unique and len(index):
+            raw = index.to_numpy().view(np.int64) if self.kind == "M" else index.to_numpy().astype(np.int64)
+            self.order = np.argsort(raw, kind="stable")
+            self.keys = raw[self.order]
+
+    def __call__(self, values: pd.Series | np.ndarray) -> np.ndarray:
+        keys = self.keys
+        if keys is not None and isinstance(values, np.ndarray) and (
+                values.dtype == self.index.dtype and (self.kind == "i" or values.dtype == "datetime64[ns]")):
+            q = values.view(np.int64) if self.kind == "M" else values.astype(np.int64, copy=False)
+            at = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
+            return np.where(keys[at] == q, self.order[at], -1)
+        return self.index.get_indexer(values)
+
+
+def day_numbers(dates: pd.Series | np.ndarray) -> np.ndarray:
     """Days since 1970-01-01 as int64 (NaT must be excluded by the caller)."""
-    return dates.to_numpy(dtype="datetime64[ns]").astype("datetime64[D]").astype(np.int64)
+    values = dates if isinstance(dates, np.ndarray) else dates.to_numpy(dtype="datetime64[ns]")
+    return values.astype("datetime64[D]").astype(np.int64)
 
 
 def int_or_float(values: pd.Series | np.ndarray) -> np.ndarray:
@@ -177,6 +240,31 @@ class Columns:
         return add_columns(self.frame, self.added) if self.added else self.frame
 
 
+class ArrayColumns:
+    """Plain arrays by column name, for the small-request path (`FeaturePipeline.transform_arrays`):
+    the steps run the same `new_columns` code over it as over a `Columns` view, but `df[name]`
+    is a NumPy array (no Series per column and step, which dominated one-record requests)."""
+
+    index = None
+
+    def __init__(self, cols: Mapping[str, np.ndarray], n: int) -> None:
+        self.cols = dict(cols)
+        self.n = n
+        self.columns: list[str] = list(self.cols)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.cols[name]
+
+    def add(self, cols: Mapping[str, Any]) -> None:
+        for name, values in cols.items():
+            if name not in self.cols:
+                self.columns.append(name)
+            self.cols[name] = values.to_numpy() if isinstance(values, pd.Series) else np.asarray(values)
+
+
 # ---------------------------------------------------------------------------- step base
 
 
@@ -236,8 +324,9 @@ class Step:
 
     def new_columns(self, df: pd.DataFrame | Columns) -> dict[str, Any]:
         """The columns this step adds (name -> array), computed from `df`'s columns. `df` is a
-        DataFrame or a `Columns` view (what `FeaturePipeline.transform` passes), so a step only
-        reads `df[name]`, `df.columns`, `df.index` and `len(df)`."""
+        DataFrame, a `Columns` view (what `FeaturePipeline.transform` passes) or an
+        `ArrayColumns` view (`transform_arrays`: `df[name]` is then a NumPy array), so a step
+        only reads `df[name]`, `df.columns` and `len(df)`, through helpers that take both."""
         raise NotImplementedError
 
     def transform(self, df: pd.DataFrame) -> pd.DataFrame:

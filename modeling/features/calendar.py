@@ -15,6 +15,7 @@ fortnightly promo); otherwise nothing is known there.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from modeling.errors import DataError
-from modeling.features.base import as_datetime, canonical_table, day_numbers, truthy
+from modeling.features.base import Positions, as_datetime, canonical_table, day_numbers, truthy
 
 OBSERVED = "observed"
 SHIFT = np.int64(32)
@@ -237,6 +238,10 @@ class CalendarIndex:
     horizon: np.ndarray
     events: Mapping[str, np.ndarray]
 
+    @functools.cached_property
+    def lookup(self) -> Positions:
+        return Positions(self.groups)
+
     @classmethod
     def build(cls, table: pd.DataFrame, group: str, date: str, events: Sequence[str],
               repeat: Mapping[str, int], reach: int) -> CalendarIndex:
@@ -266,7 +271,7 @@ class CalendarIndex:
 
     def codes(self, values: pd.Series) -> np.ndarray:
         """Group values -> codes; groups the calendar lacks get codes of their own (no events)."""
-        codes = self.groups.get_indexer(values)
+        codes = self.lookup(values)
         unseen = codes < 0
         if unseen.any():
             codes[unseen] = len(self.groups) + pd.factorize(values[unseen])[0]

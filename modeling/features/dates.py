@@ -17,7 +17,7 @@ from modeling.features.base import (
     Columns,
     Step,
     StepInfo,
-    as_datetime,
+    datetimes,
     int_or_float,
     numbers,
     register,
@@ -30,9 +30,9 @@ DURATION_REASON = "duration up to the row's date"
 MONTH_FLAG_REASON = "flag of the date's month"
 
 
-def year_month(dates: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+def year_month(dates: pd.Series | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(year, month) of a datetime64[ns] column as float64 arrays, NaN for NaT."""
-    values = dates.to_numpy(dtype="datetime64[ns]")
+    values = dates if isinstance(dates, np.ndarray) else dates.to_numpy(dtype="datetime64[ns]")
     months = values.astype("datetime64[M]")
     nat = np.isnat(months)
     count = np.where(nat, 0, months.astype(np.int64))  # months since 1970-01
@@ -127,7 +127,7 @@ class DateParts(Step):
 
     def new_columns(self, df: pd.DataFrame | Columns) -> dict[str, Any]:
         require(df, [self.field], self.name)
-        dates = as_datetime(df[self.field], self.field, self.name).to_numpy(dtype="datetime64[ns]")
+        dates = datetimes(df[self.field], self.field, self.name)
         if len(dates) > 64:  # few distinct days in a big batch: compute once per day
             codes, uniques = pd.factorize(dates)
             uniq = np.append(uniques.astype("datetime64[ns]"), np.datetime64("NaT", "ns"))
@@ -175,7 +175,7 @@ class MonthInList(Step):
         for i, text in enumerate(uniques):
             parts = {p.strip() for p in str(text).split(self.sep)}
             lookup[i] = [m in parts for m in self.month_names]
-        _, month = year_month(as_datetime(df[self.date_col], self.date_col, self.name))
+        _, month = year_month(datetimes(df[self.date_col], self.date_col, self.name))
         known = ~np.isnan(month)
         month_idx = np.where(known, month, 1).astype(np.int64) - 1
         flag = lookup[np.where(codes < 0, len(uniques), codes), month_idx] & known
@@ -222,7 +222,7 @@ class MonthsSince(_Duration):
 
     def new_columns(self, df: pd.DataFrame | Columns) -> dict[str, Any]:
         require(df, [self.year_col, self.month_col, self.date_col], self.name)
-        date_year, date_month = year_month(as_datetime(df[self.date_col], self.date_col, self.name))
+        date_year, date_month = year_month(datetimes(df[self.date_col], self.date_col, self.name))
         year = numbers(df[self.year_col])
         month = numbers(df[self.month_col])
         valid = ~np.isnan(year) & (month >= 1) & (month <= 12) & ~np.isnan(date_year)
@@ -256,7 +256,7 @@ class WeeksSince(_Duration):
 
     def new_columns(self, df: pd.DataFrame | Columns) -> dict[str, Any]:
         require(df, [self.year_col, self.week_col, self.date_col], self.name)
-        dates = as_datetime(df[self.date_col], self.date_col, self.name).to_numpy(dtype="datetime64[ns]")
+        dates = datetimes(df[self.date_col], self.date_col, self.name)
         year = numbers(df[self.year_col])
         week = numbers(df[self.week_col])
         nat = np.isnat(dates)

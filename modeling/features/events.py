@@ -22,8 +22,9 @@ from modeling.features.base import (
     Columns,
     Step,
     StepInfo,
-    as_datetime,
+    datetimes,
     day_numbers,
+    missing,
     register,
     require,
     truthy,
@@ -148,10 +149,11 @@ class ElapsedEvents(Step):
 
     # ------------------------------------------------------------------ transform
 
-    def _inputs(self, df: pd.DataFrame | Columns) -> tuple[pd.Series, np.ndarray, dict[str, np.ndarray]]:
+    def _inputs(self, df: pd.DataFrame | Columns) -> tuple[pd.Series | np.ndarray, np.ndarray,
+                                                          dict[str, np.ndarray]]:
         require(df, self.calendar_columns(), self.name)
-        dates = as_datetime(df[self.date], self.date, self.name)
-        bad = dates.isna().to_numpy() | df[self.group].isna().to_numpy()
+        dates = datetimes(df[self.date], self.date, self.name)
+        bad = np.isnat(dates) | missing(df[self.group])
         if bad.any():
             first = np.flatnonzero(bad)[:5].tolist()
             raise DataError(f"feature step {self.name!r}: missing {self.group!r} or "

@@ -16,6 +16,7 @@ import pandas as pd
 from modeling.errors import DataError
 from modeling.features.base import (
     Columns,
+    Positions,
     Step,
     StepInfo,
     add_columns,
@@ -51,7 +52,9 @@ class _TableKeys:
 
     def __init__(self, dtypes: list[Any], uniques: list[pd.Index], strides: np.ndarray,
                  index: pd.Index) -> None:
-        self.dtypes, self.uniques, self.strides, self.index = dtypes, uniques, strides, index
+        self.dtypes, self.strides = dtypes, strides
+        self.uniques = [Positions(u) for u in uniques]
+        self.index = Positions(index)
 
     @classmethod
     def build(cls, right: list[pd.Series]) -> _TableKeys | None:
@@ -75,10 +78,10 @@ class _TableKeys:
         combined = np.zeros(len(left[0]), dtype=np.int64)
         unmatched = np.zeros(len(left[0]), dtype=bool)
         for lk, u, stride in zip(left, self.uniques, self.strides, strict=True):
-            part = u.get_indexer(lk)
+            part = u(lk)
             unmatched |= part < 0
             combined += part * stride
-        pos = self.index.get_indexer(combined)
+        pos = self.index(combined)
         pos[unmatched] = -1
         return pos
 
@@ -134,6 +137,7 @@ class JoinTable(Step):
         left = [df[k] for k in self.on]
         if keys is not None and keys.accepts(left):
             return keys.positions(left)
+        left = [lk if isinstance(lk, pd.Series) else pd.Series(lk, copy=False) for lk in left]
         lcode, rcode = _key_codes(left, [self.table[k] for k in self.on.values()])
         pos = pd.Index(rcode).get_indexer(lcode)
         pos[lcode < 0] = -1
@@ -223,7 +227,7 @@ class GroupAny(Step):
         self.where = dict(where or {})
         self.default = default
         self.table: pd.DataFrame | None = None
-        self._index: tuple[pd.DataFrame, pd.Index] | None = None  # (table, its group index)
+        self._index: tuple[pd.DataFrame, Positions] | None = None  # (table, its group index)
 
     def describe(self, dates: Collection[str] = ()) -> StepInfo:
         # the flag is learned in fit: a row's value does not depend on its batch neighbours
@@ -244,8 +248,8 @@ class GroupAny(Step):
             raise RuntimeError(f"{self.name}: call fit() before transform()")
         require(df, [self.group], self.name)
         if self._index is None or self._index[0] is not self.table:
-            self._index = (self.table, pd.Index(self.table[self.group]))
-        pos = self._index[1].get_indexer(df[self.group])
+            self._index = (self.table, Positions(pd.Index(self.table[self.group])))
+        pos = self._index[1](df[self.group])
         values = self.table[self.out].to_numpy()
         out = np.where(pos >= 0, values[np.maximum(pos, 0)] if len(values) else 0, self.default)
         return {self.out: out.astype(np.int64)}

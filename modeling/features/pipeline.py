@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from modeling.errors import DataError
@@ -25,7 +26,14 @@ from modeling.errors import DataError
 from modeling.features import dates as _dates  # noqa: F401
 from modeling.features import events as _events  # noqa: F401
 from modeling.features import joins as _joins  # noqa: F401
-from modeling.features.base import Columns, Step, StepInfo, canonical_table, step_from_dict
+from modeling.features.base import (
+    ArrayColumns,
+    Columns,
+    Step,
+    StepInfo,
+    canonical_table,
+    step_from_dict,
+)
 
 FORMAT = "tabrec.features"
 FORMAT_VERSION = 1
@@ -72,6 +80,18 @@ class FeaturePipeline:
             else:
                 view.add(step.new_columns(view))
         return view.to_frame()
+
+    def transform_arrays(self, cols: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray] | None:
+        """`transform` for small requests: the same steps' `new_columns` over plain arrays (an
+        `ArrayColumns` view: no Series per column and step, no output frame). Returns every
+        column (inputs and added) as arrays, or None when a step drops rows (an inner join), which
+        only the frame path handles."""
+        if any(step.drops_rows for step in self.steps):
+            return None
+        view = ArrayColumns(cols, n)
+        for step in self.steps:
+            view.add(step.new_columns(view))
+        return view.cols
 
     # ------------------------------------------------------------------ self-description
 

@@ -12,11 +12,11 @@ MLflow clients and tools can call a tabrec server unchanged, several models incl
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Annotated
+from typing import Annotated, Any
 
 import pandas as pd
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 
 from service.auth import require_api_key
 from service.deps import ModelName, RegistryDep, SettingsDep, resolve_model
@@ -30,7 +30,13 @@ from service.schemas import (
     records_frame,
     split_frame,
 )
-from service.scoring import check_count, has_nan_literals, predict_records
+from service.scoring import (
+    INLINE_RECORDS,
+    check_count,
+    has_nan_literals,
+    json_response,
+    score_records,
+)
 from service.settings import Settings
 
 router = APIRouter(tags=["mlflow"], responses=ERRORS)
@@ -46,7 +52,7 @@ async def invocations(
     settings: SettingsDep,
     model: ModelChoice = None,
     x_model_name: Annotated[str | None, Header(description="alternative to ?model=")] = None,
-) -> JSONResponse:
+) -> Response:
     # The model is resolved here, after the body is validated, not in a dependency: which
     # model to use depends on how many are served (a 422 naming the choices) as well as on
     # ?model= or X-Model-Name, and a bad body is reported before a bad model choice.
@@ -58,7 +64,7 @@ async def invocations(
              dependencies=[Depends(require_api_key)],
              summary="MLflow scoring protocol for one model (base URL http://host:port/models/{name})")
 async def model_invocations(request: Request, name: ModelName, body: InvocationsRequest,
-                            settings: SettingsDep) -> JSONResponse:
+                            settings: SettingsDep) -> Response:
     return await score(request, resolve_model(request, name), body, settings)
 
 
@@ -72,11 +78,28 @@ def model_ping(registry: RegistryDep, name: ModelName) -> PlainTextResponse:
     return PlainTextResponse("\n", status_code=200 if name in registry.models else 503)
 
 
-async def score(request: Request, loaded: LoadedModel, body: InvocationsRequest, settings: Settings) -> JSONResponse:
+async def score(request: Request, loaded: LoadedModel, body: InvocationsRequest, settings: Settings) -> Response:
     n = invocation_count(body, settings)
     nan = await has_nan_literals(request)
-    preds = await predict_records(request, loaded, lambda: invocation_frame(body, nan, loaded.predictor.schema.names), n)
-    return JSONResponse({"predictions": preds})
+    preds = await score_records(request, loaded, invocation_records(body, n),
+                                lambda: invocation_frame(body, nan, loaded.predictor.schema.names), n)
+    return json_response({}, preds)
+
+
+def invocation_records(body: InvocationsRequest, n: int) -> list[dict[str, Any]] | None:
+    """The request's records as JSON objects for the small-request path (`dataframe_split` rows
+    zipped with the columns), or None: a big request, columnar input, or a split with duplicate
+    columns or ragged rows (the frame path words those errors)."""
+    if n > INLINE_RECORDS:
+        return None
+    split = body.dataframe_split
+    if split is not None:
+        width = len(split.columns)
+        if len(set(split.columns)) != width or any(len(row) != width for row in split.data):
+            return None
+        return [dict(zip(split.columns, row, strict=True)) for row in split.data]
+    payload = next(p for p in (body.dataframe_records, body.instances, body.inputs) if p is not None)
+    return None if isinstance(payload, dict) else payload
 
 
 def choose_model(request: Request, settings: Settings, chosen: str | None) -> str:

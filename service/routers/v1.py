@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from service.auth import require_api_key
 from service.deps import RatingsModel, RegistryDep, ServedModel, SettingsDep
@@ -20,7 +20,7 @@ from service.schemas import (
     SimilarResponse,
     records_frame,
 )
-from service.scoring import check_count, has_nan_literals, predict_records
+from service.scoring import check_count, has_nan_literals, json_response, score_records
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(require_api_key)], responses=ERRORS)
 TopK = Annotated[int, Query(ge=1, le=1000)]
@@ -43,12 +43,13 @@ def get_model(model: ServedModel) -> ModelInfo:
 
 @router.post("/models/{name}/predict", response_model=PredictResponse,
              summary="Predict from raw records (one vectorized call per request)")
-async def predict(request: Request, body: PredictRequest, model: ServedModel, settings: SettingsDep) -> JSONResponse:
+async def predict(request: Request, body: PredictRequest, model: ServedModel, settings: SettingsDep) -> Response:
     check_count(len(body.records), settings)
     nan = await has_nan_literals(request)
-    preds = await predict_records(request, model, lambda: records_frame(body.records, nan, model.predictor.schema.names),
-                                   len(body.records))
-    return JSONResponse({"model": model.name, "version": model.version, "predictions": preds})
+    preds = await score_records(request, model, body.records,
+                                lambda: records_frame(body.records, nan, model.predictor.schema.names),
+                                len(body.records))
+    return json_response({"model": model.name, "version": model.version}, preds)
 
 
 @router.get("/models/{name}/users/{user}/recommendations", response_model=RecommendationsResponse,
