@@ -118,7 +118,9 @@ def tensors_frame(inputs: list[V2Tensor], flats: list[np.ndarray | None], binary
             columns[t.name] = decode_binary(raw, t, f"inputs[{i}]")
     if offset != len(buffer):
         raise InputError.one(f"{len(buffer) - offset} binary bytes after the last tensor", field="inputs")
-    df = pd.DataFrame(columns)
+    # as many rows as the tensors declare, even when the model takes none of them (then its
+    # schema names the missing fields), never a silent 0-row answer
+    df = pd.DataFrame(columns, index=pd.RangeIndex(inputs[0].shape[0] if inputs else 0))
     check_cells(df)
     return df
 
