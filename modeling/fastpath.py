@@ -6,7 +6,7 @@ gathers every embedding row with one NumPy take from a flat copy of the tables (
 same float32 values: exact) and runs the rest as the same torch functional calls the modules
 make, so the output has the modules' exact float32 bits; the batch is padded to
 SMALL_BATCH_ROWS rows, from where BLAS gives a row the bits any larger batch (batch scoring)
-gives it. Networks of other classes run through their modules (`forward_chunks`).
+gives it. Networks of other classes run through their modules (`modeling.forward.forward_chunks`).
 """
 
 from __future__ import annotations

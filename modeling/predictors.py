@@ -35,12 +35,11 @@ from modeling.bundle import (
 )
 from modeling.drift import DriftSampler
 from modeling.errors import DataError
-from modeling.fastpath import SmallForward
 from modeling.features.base import numbers
+from modeling.forward import forward_chunks, forward_members, forward_small
 from modeling.schema import InputSchema, RecordsError, canonical_strings
 from modeling.uri import ModelUri
 
-PREDICT_CHUNK = 65_536
 FeaturesSink = Callable[[pd.DataFrame, np.ndarray], None]
 
 
@@ -80,43 +79,6 @@ class Predictor:
 
     def predict(self, df: pd.DataFrame, source: str = "request") -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
-
-
-def forward_chunks(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray]) -> np.ndarray:
-    """The mean output of `models` over pre-built arrays, in large slices (no per-row Python)."""
-    n = len(inputs[0])
-    out = np.zeros(n, dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, n, PREDICT_CHUNK):
-            parts = [torch.from_numpy(np.ascontiguousarray(a[start : start + PREDICT_CHUNK])) for a in inputs]
-            acc = models[0](*parts).float()
-            for m in models[1:]:
-                acc = acc + m(*parts).float()
-            out[start : start + PREDICT_CHUNK] = (acc / len(models)).numpy().reshape(-1)
-    return out
-
-
-def forward_members(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray]) -> np.ndarray:
-    """Each model's output over pre-built arrays, [len(models), n] (one vectorized pass per model)."""
-    n = len(inputs[0])
-    out = np.zeros((len(models), n), dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, n, PREDICT_CHUNK):
-            parts = [torch.from_numpy(np.ascontiguousarray(a[start : start + PREDICT_CHUNK])) for a in inputs]
-            for j, m in enumerate(models):
-                out[j, start : start + PREDICT_CHUNK] = m(*parts).float().numpy().reshape(-1)
-    return out
-
-
-def forward_small(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray],
-                  cache: dict[str, Any] | None = None) -> np.ndarray:
-    """`forward_chunks` for a small batch, as float64 with the batch path's exact float32 bits
-    (`modeling.fastpath.SmallForward`, prepared once per set of networks and kept in `cache`)."""
-    cache = {} if cache is None else cache
-    key = tuple(id(m) for m in models)
-    if cache.get("key") != key:
-        cache["key"], cache["forward"] = key, SmallForward(models)
-    return cache["forward"](inputs)
 
 
 class TabularPredictor(Predictor):
@@ -376,12 +338,12 @@ class RatingsPredictor(Predictor):
             self.baseline = BiasBaseline(float(self.spec.global_mean),
                                          extras[BASELINE_USER_BIAS].numpy().astype(np.float64),
                                          extras[BASELINE_ITEM_BIAS].numpy().astype(np.float64))
+        self._small: dict[str, Any] = {}  # the small-request forward, prepared on first use
 
     @property
     def predicts_ratings(self) -> bool:
         """False for a bundle trained on interactions without ratings (ranking only)."""
         return not self.spec.interactions_only
-        self._small: dict[str, Any] = {}  # the small-request forward, prepared on first use
 
     @property
     def n_items(self) -> int:
