@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -162,32 +162,30 @@ def parse_calendar_specs(specs: Iterable[str]) -> dict[str, str]:
     return calendars
 
 
-def parse_calendars_env(value: str) -> dict[str, str]:
-    """TABREC_CALENDARS: a JSON object, or comma/newline separated NAME=PATH items."""
+def _parse_named_env(value: str, var: str, what: str,
+                     parse: Callable[[Iterable[str]], dict[str, str]]) -> dict[str, str]:
+    """A NAME=VALUE environment setting: a JSON object, or comma/newline separated items, each
+    item checked by `parse` (the command line's parser, so both read alike)."""
     value = value.strip()
     if value.startswith("{"):
         try:
             obj = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise DataError(f"TABREC_CALENDARS: invalid JSON ({exc})") from None
+            raise DataError(f"{var}: invalid JSON ({exc})") from None
         if not isinstance(obj, dict) or not all(isinstance(v, str) for v in obj.values()):
-            raise DataError("TABREC_CALENDARS: JSON must be an object of model name -> file path strings")
-        return parse_calendar_specs(f"{k}={v}" for k, v in obj.items())
-    return parse_calendar_specs(item for item in re.split(r"[,\n]", value) if item.strip())
+            raise DataError(f"{var}: JSON must be an object of {what} strings")
+        return parse(f"{k}={v}" for k, v in obj.items())
+    return parse(item for item in re.split(r"[,\n]", value) if item.strip())
+
+
+def parse_calendars_env(value: str) -> dict[str, str]:
+    """TABREC_CALENDARS: a JSON object, or comma/newline separated NAME=PATH items."""
+    return _parse_named_env(value, "TABREC_CALENDARS", "model name -> file path", parse_calendar_specs)
 
 
 def parse_models_env(value: str) -> dict[str, str]:
     """TABREC_MODELS: a JSON object, or comma/newline separated NAME=URI items."""
-    value = value.strip()
-    if value.startswith("{"):
-        try:
-            obj = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"TABREC_MODELS: invalid JSON ({exc})") from None
-        if not isinstance(obj, dict) or not all(isinstance(v, str) for v in obj.values()):
-            raise DataError("TABREC_MODELS: JSON must be an object of name -> URI strings")
-        return parse_model_specs(f"{k}={v}" for k, v in obj.items())
-    return parse_model_specs(item for item in re.split(r"[,\n]", value) if item.strip())
+    return _parse_named_env(value, "TABREC_MODELS", "name -> URI", parse_model_specs)
 
 
 def read_api_keys(env: Mapping[str, str]) -> list[SecretStr]:
