@@ -1,7 +1,12 @@
 """Running a bundle's networks over pre-built arrays: the mean of the networks (a model and its
-ensemble members), each member's output, and the small-request variant. Every path pads a slice
-shorter than SMALL_BATCH_ROWS the same way, so a row's float32 output does not depend on how
-many rows came with it (batch chunk, small request, single record)."""
+ensemble members), each member's output, and the small-request variant.
+
+TabularModel networks run through `modeling.fastpath.TabularForward` on every path (batch chunks,
+small requests, members' spread): float32 hidden layers, a float64 head and mean; every call gets
+at least TABULAR_PAD_ROWS rows (a short batch chunk or a small request padded), so a row's answer
+has the same bits whatever came with it. Other networks (the ratings models) run through their
+modules, every slice under SMALL_BATCH_ROWS padded alike, so a row's float32 output does not
+depend on how many rows came with it either."""
 
 from __future__ import annotations
 
@@ -11,13 +16,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from modeling.fastpath import SMALL_BATCH_ROWS, SmallForward
+from modeling.fastpath import SMALL_BATCH_ROWS, TabularForward
 
 PREDICT_CHUNK = 65_536
+TABULAR_PAD_ROWS = 16  # MKL's float32 kernels for TabularModel shapes give batch bits from 16 rows up
+TABULAR_CHUNK = 8_192  # rows per TabularForward call on the batch path: bounded float64 temporaries
 
 
 def forward_chunks(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray]) -> np.ndarray:
-    """The mean output of `models` over pre-built arrays, in large slices (no per-row Python)."""
+    """The mean output of `models` over pre-built arrays, in large slices (no per-row Python):
+    float64 for TabularModel networks, else float32."""
+    tabular = TabularForward.prepare(models)
+    if tabular is not None:
+        return _tabular_chunks(tabular, inputs, members=False)
     n = len(inputs[0])
     out = np.zeros(n, dtype=np.float32)
     with torch.inference_mode():
@@ -31,17 +42,38 @@ def forward_chunks(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarra
     return out
 
 
+def _tabular_chunks(tabular: TabularForward, inputs: Sequence[np.ndarray], members: bool) -> np.ndarray:
+    x_cat, x_cont = inputs
+    n = len(x_cat)
+    out = np.zeros((len(tabular.models), n) if members else n, dtype=np.float64)
+    for start in range(0, n, TABULAR_CHUNK):
+        rows = min(TABULAR_CHUNK, n - start)
+        part = [padded_array(a[start : start + rows], TABULAR_PAD_ROWS) for a in (x_cat, x_cont)]
+        got = tabular.members(*part) if members else tabular(*part)
+        out[..., start : start + rows] = got[..., :rows]
+    return out
+
+
+def padded_array(a: np.ndarray, rows: int = SMALL_BATCH_ROWS) -> np.ndarray:
+    """A slice of at least `rows` rows (the first row repeated): below that BLAS picks other
+    kernels and a row's float32 output would depend on how many rows came with it (a short last
+    chunk, a small request); the padding rows' outputs are dropped."""
+    if len(a) < rows:
+        a = np.concatenate([a, np.repeat(a[:1], rows - len(a), axis=0)])
+    return np.ascontiguousarray(a)
+
+
 def padded_rows(a: np.ndarray) -> torch.Tensor:
-    """A slice as a tensor of at least SMALL_BATCH_ROWS rows (the first row repeated): below that
-    BLAS picks other kernels and a row's float32 output would depend on how many rows came with
-    it (a short last chunk, a small request); the padding rows' outputs are dropped."""
-    if len(a) < SMALL_BATCH_ROWS:
-        a = np.concatenate([a, np.repeat(a[:1], SMALL_BATCH_ROWS - len(a), axis=0)])
-    return torch.from_numpy(np.ascontiguousarray(a))
+    """`padded_array` as a tensor (the module path)."""
+    return torch.from_numpy(padded_array(a))
 
 
 def forward_members(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray]) -> np.ndarray:
-    """Each model's output over pre-built arrays, [len(models), n] (one vectorized pass per model)."""
+    """Each model's output over pre-built arrays, [len(models), n] (one vectorized pass per model);
+    the mean over axis 0 is `forward_chunks`'s answer."""
+    tabular = TabularForward.prepare(models)
+    if tabular is not None:
+        return _tabular_chunks(tabular, inputs, members=True)
     n = len(inputs[0])
     out = np.zeros((len(models), n), dtype=np.float32)
     with torch.inference_mode():
@@ -55,10 +87,21 @@ def forward_members(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarr
 
 def forward_small(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray],
                   cache: dict[str, Any] | None = None) -> np.ndarray:
-    """`forward_chunks` for a small batch, as float64 with the batch path's exact float32 bits
-    (`modeling.fastpath.SmallForward`, prepared once per set of networks and kept in `cache`)."""
+    """`forward_chunks` for a small batch, as float64 with the batch path's bits, the networks
+    prepared once per set of networks and kept in `cache`: TabularModel networks through
+    `TabularForward` padded to TABULAR_PAD_ROWS, others through their modules padded to
+    SMALL_BATCH_ROWS."""
     cache = {} if cache is None else cache
     key = tuple(id(m) for m in models)
     if cache.get("key") != key:
-        cache["key"], cache["forward"] = key, SmallForward(models)
-    return cache["forward"](inputs)
+        cache["key"], cache["forward"] = key, TabularForward.prepare(models)
+    tabular = cache["forward"]
+    n = len(inputs[0])
+    if tabular is not None:
+        return tabular(*[padded_array(a, TABULAR_PAD_ROWS) for a in inputs])[:n]
+    with torch.inference_mode():
+        parts = [padded_rows(a) for a in inputs]
+        acc = models[0](*parts).float()
+        for m in models[1:]:
+            acc = acc + m(*parts).float()
+    return (acc / len(models)).numpy().reshape(-1)[:n].astype(np.float64)

@@ -259,6 +259,7 @@ class TabularProcessor:
         self._fitted = False
         self._index: dict[str, pd.Index] = {}
         self._int_tables: dict[str, tuple[int, np.ndarray] | None] = {}
+        self._arrays: Any = None
 
     def _check_names(self) -> None:
         """A column may be both categorical and continuous, but not listed twice in one role."""
@@ -297,6 +298,7 @@ class TabularProcessor:
     def _rebuild_index(self) -> None:
         self._index = {c: pd.Index(v, dtype=object) for c, v in self.vocab.items()}
         self._int_tables = {c: _int_table(ix) for c, ix in self._index.items()}
+        self._arrays = None  # the small-request encoder over these tables, built on first use
 
     # ---- fit / transform
 
@@ -334,12 +336,17 @@ class TabularProcessor:
 
     def transform_arrays(self, cols: Mapping[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
         """`transform` over plain arrays by column name (the small-request path): the same
-        lookups and scaling, without a DataFrame."""
+        lookups and scaling, without a DataFrame or a pandas Index per call
+        (`modeling.processor_arrays.ArrayEncoder`, built once per fitted state)."""
         self._require_fitted()
         missing = [c for c in self.cat_names + self.cont_names if c not in cols]
         if missing:
             raise DataError(f"input is missing required column(s): {missing}")
-        return self._encode(cols, n)
+        if self._arrays is None:
+            from modeling.processor_arrays import ArrayEncoder
+
+            self._arrays = ArrayEncoder(self)
+        return self._arrays(cols, n)
 
     def _encode(self, df: pd.DataFrame | Mapping[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
         x_cat = np.zeros((n, len(self.cat_names_out)), dtype=np.int64)

@@ -114,6 +114,64 @@ def test_rossmann_fast_path_equals_batch_scoring(ross: TabularPredictor, bundles
     assert_close(fast_preds, scored["prediction"].to_numpy(dtype=np.float64))
 
 
+def real_shaped_ensemble(p: TabularPredictor, members: int = 3) -> list[Any]:
+    """`members` eval-mode networks with the bundle's inputs and the default training's shapes
+    (1000/500 hidden units, the default 3-member snapshot ensemble), random weights and
+    BatchNorm statistics (the test bundle itself is trained small: 500/250, one network)."""
+    import torch
+
+    from modeling.tabular import TabularModel
+
+    net = p.networks[0]
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(members):
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        m = TabularModel(net.emb_szs, net.n_cont, layers=(1000, 500), y_range=net.y_range)
+        with torch.no_grad():
+            for emb in m.embeds:
+                emb.weight.normal_(0, 0.3, generator=gen)
+            for bn in [m.bn_cont, *(b[2] for b in m.layers)]:
+                bn.running_mean.normal_(0, 0.5, generator=gen)
+                bn.running_var.uniform_(0.5, 2.0, generator=gen)
+                bn.weight.uniform_(0.5, 1.5, generator=gen)
+                bn.bias.normal_(0, 0.1, generator=gen)
+            m.head.weight.normal_(0, 0.05, generator=gen)
+            m.init_output_bias(8.5)
+        out.append(m.eval())
+    return out
+
+
+def test_forward_rows_do_not_depend_on_request_size(ross: TabularPredictor) -> None:
+    """On real shapes (see `real_shaped_ensemble`) and on the bundle's own network: with one
+    torch thread a row's answer from a request of any size has exactly the bits batch scoring
+    gives it (small requests are padded to the 16 rows from which BLAS's float32 kernels are the
+    batch's); with two threads (other work splits) every size agrees to 1e-6."""
+    import torch
+
+    from modeling.forward import forward_chunks, forward_small
+
+    rows = random_rossmann(np.random.default_rng(3), 3000, horizon(ross))
+    frame = records_frame(rows, keep=ross.schema.names)
+    x_cat, x_cont = ross.processor.transform(ross.engineer(frame))
+    threads = torch.get_num_threads()
+    try:
+        for networks in (real_shaped_ensemble(ross), ross.networks):
+            for n_threads in (1, 2):
+                torch.set_num_threads(n_threads)
+                batch = forward_chunks(networks, (x_cat, x_cont))
+                assert np.exp(batch).std() > 5 and np.isfinite(batch).all()  # the rows' answers vary
+                for size in (1, 2, 7, 15, 16, 33, 256):
+                    cuts = [slice(s, min(s + size, len(x_cat))) for s in range(0, len(x_cat), size)]
+                    small = np.concatenate([forward_small(networks, (x_cat[c], x_cont[c]), {}) for c in cuts])
+                    np.testing.assert_allclose(np.exp(small), np.exp(batch), rtol=REL, atol=0,
+                                               err_msg=f"{size=} {n_threads=}")
+                    if n_threads == 1:
+                        assert np.array_equal(small, batch), f"{size=}"
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_ratings_fast_path_equals_batch_scoring(ratings: RatingsPredictor, bundles: dict[str, str],
                                                 tmp_path) -> None:
     rng = np.random.default_rng(7)

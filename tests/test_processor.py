@@ -271,3 +271,37 @@ def test_object_fast_path_matches_general_lookup(values):
     index = pd.Index(["a", "1", "True", "", "3", "nan"], dtype=object)
     s = pd.Series(values, dtype=object)
     np.testing.assert_array_equal(_lookup_codes(s, index, _int_table(index)), _general_codes(s, index))
+
+
+def _array_columns(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """Columns as the small-request path hands them over: ints (known, unknown, far outside the
+    vocabulary, int64 extremes), strings with None/NaN/unknown, mixed objects, integral and
+    fractional floats with NaN/inf, bools, narrow unsigned ints, datetimes."""
+    big = np.array([0, 1, 2, 3, 7, -5, 2**62, -(2**63), 2**63 - 1], dtype=np.int64)
+    return {
+        "store": rng.choice(big, n),
+        "state": rng.choice(np.array(["a", "b", "c", "zz", None, np.nan, ""], dtype=object), n),
+        "holiday": rng.random(n) < 0.5,
+        "day": rng.choice(pd.to_datetime(["2015-07-01", "2015-07-02", "2020-01-01"]).to_numpy(), n),
+        "kind": rng.choice(np.array(["x", "y", 1, None, "x"], dtype=object), n),
+        "code": rng.choice(np.array([1.0, 2.0, np.nan, 2.5, 40.0]), n),
+        "small": rng.integers(0, 5, n).astype(np.uint8),
+        "dist": rng.choice(np.array([100.0, np.nan, np.inf, -np.inf, 3.25, 1e9]), n),
+        "temp": rng.integers(-10, 10, n),
+    }
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 40))
+def test_transform_arrays_equals_transform(seed: int, n: int) -> None:
+    """The small-request encoder (flat int tables, string dicts, one matrix for the continuous
+    columns) gives exactly `transform`'s codes and float32 values, whatever the column types."""
+    frame = _train_frame().assign(code=[1.0, 2.0, 3.0, np.nan, 2.0], small=[0, 1, 2, 3, 1])
+    cats = [*CATS, "code", "small"]
+    proc = TabularProcessor(cats, CONTS).fit(frame)
+    cols = _array_columns(np.random.default_rng(seed), n)
+    x_cat, x_cont = proc.transform_arrays(cols, n)
+    ref_cat, ref_cont = proc.transform(pd.DataFrame(cols))
+    np.testing.assert_array_equal(x_cat, ref_cat)
+    np.testing.assert_array_equal(x_cont.view(np.int32), ref_cont.view(np.int32))
+    assert x_cat.dtype == np.int64 and x_cont.dtype == np.float32

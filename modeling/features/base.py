@@ -26,6 +26,8 @@ from modeling.errors import DataError
 STEP_REGISTRY: dict[str, type[Step]] = {}
 FALSE_STRINGS = ["0", "", "false", "False", "FALSE", "no", "No", "n", "f", "0.0"]
 _FALSE_TEXT = pd.Index(FALSE_STRINGS, dtype=object)
+_FALSE_SET = frozenset(FALSE_STRINGS)
+_FEW = 64  # up to this many values a set lookup beats building a pandas Index
 
 
 def register(cls: type[Step]) -> type[Step]:
@@ -47,6 +49,8 @@ def truthy(values: pd.Series | np.ndarray) -> np.ndarray:
         if values.dtype.kind in "iuf":
             num = values.astype("float64", copy=False)
             return ~np.isnan(num) & (num != 0)
+        if len(values) <= _FEW and all(isinstance(v, str) for v in values.tolist()):
+            return np.array([v not in _FALSE_SET for v in values.tolist()], dtype=bool)  # a request's few
         if infer_dtype(values, skipna=False) == "string":  # plain strings: no Series needed
             return _FALSE_TEXT.get_indexer(values) < 0
         values = pd.Series(values, dtype=object, copy=False)

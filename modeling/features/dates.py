@@ -204,7 +204,7 @@ class _Duration(Step):
                         time_relative={self.out: DURATION_REASON})
 
     def _finish(self, raw: np.ndarray, valid: np.ndarray) -> dict[str, Any]:
-        clipped = np.clip(np.where(valid, raw, 0), *self.clip)
+        clipped = np.minimum(np.maximum(np.where(valid, raw, 0), self.clip[0]), self.clip[1])  # np.clip, cheaper
         return {self.out: np.where(valid, clipped, self.missing).astype(np.int64)}
 
 

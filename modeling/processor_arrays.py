@@ -1,0 +1,105 @@
+"""The processor's transform for small requests, over tables built once per loaded processor.
+
+`TabularProcessor.transform` looks codes up through a pandas Index per column and call; for a
+request of a few records the Index construction is most of the processor's time. `ArrayEncoder`
+holds the same vocabularies as plain lookups built at load time: one flat code table for every
+column whose vocabulary is integer-like (all such columns of a request in one vectorized take)
+and a dict per column for strings; the continuous columns are filled and scaled as one matrix.
+The codes and float32 values are exactly `transform`'s (the same lookups, the same float64
+operations per element); any column this module does not read plainly (mixed objects, floats
+with fractions, bools, datetimes) goes through the processor's own per-column lookup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from modeling.processor import TabularProcessor
+
+
+class ArrayEncoder:
+    """(x_cat, x_cont) for arrays by column name, as `TabularProcessor.transform` gives them."""
+
+    def __init__(self, proc: TabularProcessor) -> None:
+        from modeling.processor import _lookup_codes
+
+        self._lookup = _lookup_codes
+        self.proc = proc
+        self.cat_names = list(proc.cat_names)
+        self.cont_names = list(proc.cont_names)
+        self.n_cat_out = len(proc.cat_names_out)
+        # integer-like vocabularies: one flat table (column j's codes at start[j]..) and a zero slot
+        tables = [(j, c, proc._int_tables[c]) for j, c in enumerate(self.cat_names)]
+        tables = [(j, c, t) for j, c, t in tables if t is not None]
+        self.int_pos = np.array([j for j, _, _ in tables], dtype=np.intp)
+        self.int_names = [c for _, c, _ in tables]
+        sizes = [len(t[1]) for _, _, t in tables]
+        self.int_low = np.array([t[0] for _, _, t in tables], dtype=np.int64)
+        self.int_span = np.array(sizes, dtype=np.int64)
+        self.int_start = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
+        self.int_flat = np.concatenate([*(t[1] for _, _, t in tables), np.zeros(1, np.int64)])
+        self.zero_slot = len(self.int_flat) - 1
+        # strings: a str is its own canonical form; code = vocabulary position + 1
+        self.str_codes = {c: {v: i + 1 for i, v in enumerate(proc.vocab[c])} for c in self.cat_names}
+        self.medians = np.array([proc.medians[c] for c in self.cont_names], dtype=np.float64)
+        self.means = np.array([proc.means[c] for c in self.cont_names], dtype=np.float64)
+        self.stds = np.array([proc.stds[c] for c in self.cont_names], dtype=np.float64)
+        cont_pos = {c: i for i, c in enumerate(self.cont_names)}
+        self.na_src = np.array([cont_pos[c] for c in proc.na_cols], dtype=np.intp)
+        self.na_dst = np.arange(len(self.cat_names), self.n_cat_out, dtype=np.intp)
+
+    def __call__(self, cols: Mapping[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+        x_cat = np.zeros((n, self.n_cat_out), dtype=np.int64)
+        done = np.zeros(len(self.cat_names), dtype=bool)
+        if len(self.int_pos):
+            plain = np.array([_plain_int(cols[c]) for c in self.int_names], dtype=bool)
+            if plain.any():
+                sel = np.flatnonzero(plain)
+                ints = np.stack([cols[self.int_names[k]] for k in sel], axis=1).astype(np.int64, copy=False)
+                low = self.int_low[sel]
+                inside = (ints >= low) & (ints < low + self.int_span[sel])  # no wrap-around
+                at = np.where(inside, ints - low + self.int_start[sel], self.zero_slot)
+                x_cat[:, self.int_pos[sel]] = self.int_flat[at]
+                done[self.int_pos[sel]] = True
+        for j in np.flatnonzero(~done):
+            c = self.cat_names[j]
+            codes = _string_codes(cols[c], self.str_codes[c])
+            x_cat[:, j] = codes if codes is not None else \
+                self._lookup(cols[c], self.proc._index[c], self.proc._int_tables[c])
+        x_cont = np.zeros((n, len(self.cont_names)), dtype=np.float32)
+        if self.cont_names:
+            from modeling.processor import _to_float
+
+            x = np.stack([_to_float(cols[c], c) for c in self.cont_names], axis=1)
+            missing = ~np.isfinite(x)  # infinities are missing, as in `transform`
+            x = np.where(missing, self.medians, x)
+            if self.proc.normalize:
+                x = (x - self.means) / self.stds
+            x_cont[:] = x
+            if len(self.na_src):
+                x_cat[:, self.na_dst] = np.where(missing[:, self.na_src], 2, 1)
+        return x_cat, x_cont
+
+
+def _plain_int(a: np.ndarray) -> bool:
+    """Whether an array's values are plain integers within int64 (read through the int table)."""
+    kind = a.dtype.kind
+    return kind == "i" or (kind == "u" and a.dtype.itemsize < 8)
+
+
+def _string_codes(a: np.ndarray, codes: dict[str, int]) -> np.ndarray | None:
+    """Codes of an object array of str and missing values (None, NaN: code 0), or None when it
+    holds anything else (ints, bytes, str subclasses...: the processor canonicalises those)."""
+    if a.dtype.kind != "O":
+        return None
+    out = np.zeros(len(a), dtype=np.int64)
+    for i, v in enumerate(a.tolist()):  # a request's few values; a batch never comes here
+        if type(v) is str:
+            out[i] = codes.get(v, 0)
+        elif not (v is None or (type(v) is float and v != v)):
+            return None
+    return out
