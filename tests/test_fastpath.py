@@ -151,7 +151,7 @@ def test_forward_rows_do_not_depend_on_request_size(ross: TabularPredictor) -> N
 
     from modeling.forward import forward_chunks, forward_small
 
-    rows = random_rossmann(np.random.default_rng(3), 3000, horizon(ross))
+    rows = random_rossmann(np.random.default_rng(3), 1200, horizon(ross))
     frame = records_frame(rows, keep=ross.schema.names)
     x_cat, x_cont = ross.processor.transform(ross.engineer(frame))
     threads = torch.get_num_threads()
@@ -161,7 +161,7 @@ def test_forward_rows_do_not_depend_on_request_size(ross: TabularPredictor) -> N
                 torch.set_num_threads(n_threads)
                 batch = forward_chunks(networks, (x_cat, x_cont))
                 assert np.exp(batch).std() > 5 and np.isfinite(batch).all()  # the rows' answers vary
-                for size in (1, 2, 7, 15, 16, 33, 256):
+                for size in (1, 3, 15, 16, 33, 256):
                     cuts = [slice(s, min(s + size, len(x_cat))) for s in range(0, len(x_cat), size)]
                     small = np.concatenate([forward_small(networks, (x_cat[c], x_cont[c]), {}) for c in cuts])
                     np.testing.assert_allclose(np.exp(small), np.exp(batch), rtol=REL, atol=0,
