@@ -162,6 +162,10 @@ def main() -> None:
         "valid_rmspe_best_epoch_selected_on_valid": m["valid_rmspe_best_epoch_selected_on_valid"],
         "member_valid_rmspe": [m.get(f"valid_rmspe_member_{i}", m["valid_rmspe"]) for i in range(members)],
         "member_train_seconds": [m.get(f"train_seconds_member_{i}", m["valid_run_seconds"]) for i in range(members)],
+        # the mean of the first k members (k = 1..N): `--ensemble k`'s figure, and its training seconds
+        "first_k_valid_rmspe": [m.get(f"valid_rmspe_first_{k}", m["valid_rmspe"]) for k in range(1, members + 1)],
+        "first_k_train_seconds": [m.get(f"train_seconds_first_{k}", m["valid_run_seconds"])
+                                  for k in range(1, members + 1)],
         "rf_valid_rmspe": m["rf_valid_rmspe"], "nn_vs_rf": m["valid_rmspe"] / m["rf_valid_rmspe"],
         "rf_oob_r2": m["rf_oob_r2"], "rf_embeddings_valid_rmspe": m["rf_embeddings_valid_rmspe"],
         "adversarial_auc": m["adversarial_auc"], **forecast,

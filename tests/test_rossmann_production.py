@@ -151,6 +151,12 @@ def test_snapshot_ensemble_is_one_bundle_averaged_in_log_space(runs, data):
     m = res["metrics"]
     assert m["ensemble_members"] == 3
     assert {f"valid_rmspe_member_{i}" for i in range(3)} <= set(m)
+    # the means of the first k members: k = 1 is member 0, k = N the ensemble's own figure; the
+    # seconds behind them grow (snapshot: the run up to the k-th cycle's end)
+    assert m["valid_rmspe_first_1"] == pytest.approx(m["valid_rmspe_member_0"], rel=1e-6)
+    assert m["valid_rmspe_first_3"] == pytest.approx(m["valid_rmspe"], rel=1e-4)
+    assert m["train_seconds_first_1"] < m["train_seconds_first_2"] < m["train_seconds_first_3"]
+    assert m["train_seconds_first_3"] == pytest.approx(m["train_seconds_member_2"])
     # run history: 3 epochs of the first cycle + two 1-epoch cycles
     steps = MlflowClient(runs["uri"]).get_metric_history(res["run_id"], "epoch/valid_rmspe")
     assert len(steps) == 5
@@ -165,6 +171,9 @@ def test_seed_ensemble_first_member_is_the_single_model(runs):
         assert torch.equal(ens.networks[0].state_dict()[k], v), k
     assert runs["seeds"]["metrics"]["valid_rmspe_member_0"] == pytest.approx(
         runs["no_refit"]["metrics"]["valid_rmspe"], rel=1e-5)
+    m = runs["seeds"]["metrics"]  # seeds: the first k members' seconds add up
+    assert m["train_seconds_first_2"] == pytest.approx(m["train_seconds_member_0"] + m["train_seconds_member_1"])
+    assert m["valid_rmspe_first_2"] == pytest.approx(m["valid_rmspe"], rel=1e-4)
     # the ensemble's figure is the mean of its members in log space, not a pick
     raw, valid, sales = _valid_rows(runs)
     assert rmspe(sales[valid], load_predictor(runs["seeds"]["bundle"]).predict(raw)[valid]) == pytest.approx(

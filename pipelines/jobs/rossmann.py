@@ -183,8 +183,18 @@ class RossmannJob(TrainingJob[RossmannConfig, PreparedData]):
             for i, p in enumerate(preds):
                 metrics[f"valid_rmspe_member_{i}"] = log_rmspe(y, p)
             # seconds of training behind each member (snapshot: the run up to its cycle's end)
-            for i, sec in enumerate(fit.info.get("member_seconds", [])):
-                metrics[f"train_seconds_member_{i}"] = float(sec)
+            member_seconds = [float(s) for s in fit.info.get("member_seconds", [])]
+            for i, sec in enumerate(member_seconds):
+                metrics[f"train_seconds_member_{i}"] = sec
+            # the ensembles of the first k members (k = 1..N): what `--ensemble k` would have given
+            # (same seed and lr), and the training seconds behind it; accuracy per second in one run
+            total = np.zeros_like(preds[0])
+            for k, p in enumerate(preds, start=1):
+                total += p
+                metrics[f"valid_rmspe_first_{k}"] = log_rmspe(y, total / k)
+                if len(member_seconds) == len(preds):
+                    snapshot = self.cfg.ensemble_kind == "snapshot"
+                    metrics[f"train_seconds_first_{k}"] = member_seconds[k - 1] if snapshot else sum(member_seconds[:k])
         return metrics
 
     def checks(self, fit: Fitted) -> Checks:
