@@ -17,12 +17,14 @@ import torch
 from mlflow import MlflowClient
 
 from modeling.bundle import load_bundle
+from modeling.errors import DataError
 from modeling.metrics import rmspe
 from modeling.predictors import load_predictor
 from modeling.training.ensemble import predict_mean, train_members
 from pipelines.jobs.rossmann import (
     RossmannConfig,
     auto_batch_size,
+    auto_cycle_epochs,
     auto_epochs,
     build_model,
     prepare,
@@ -193,6 +195,35 @@ def test_auto_epochs_and_batch_size_follow_the_data_size():
         assert isinstance(cfg.cycle_epochs, int) and cfg.cycle_epochs >= 1
     fixed = resolve_options(RossmannConfig(train="t", store="s", epochs="7", batch_size=256), 6_000)
     assert (fixed.epochs, fixed.batch_size) == (7, 256)
+
+
+def test_auto_lr_is_the_finder_suggestion_within_bounds():
+    """--lr auto keeps the finder's suggestion inside auto_lr_bounds (a 3.5k-row set once got
+    1.7e-4 and lost to its forest, docs/benchmarks.md); inside them it is the suggestion itself."""
+    from pipelines.jobs.rossmann import RossmannJob
+
+    job = RossmannJob(RossmannConfig(train="t", store="s"))
+    assert job.cfg.auto_lr_bounds == (1e-3, 1e-2)
+    assert job.settle_lr(1.7e-4) == 1e-3 and job.settle_lr(3.4e-3) == 3.4e-3 and job.settle_lr(0.3) == 1e-2
+    with pytest.raises(DataError, match="auto_lr_bounds"):
+        RossmannConfig(train="t", store="s", auto_lr_bounds=(1e-2, 1e-3)).validate()
+
+
+def test_auto_cycle_epochs_follow_the_step_budget():
+    """Later snapshot cycles are half the step budget in epochs: on small data (first cycle = the
+    budget) half the first cycle, as before; on the real data's size the --min-epochs floor makes
+    the first cycle 4 epochs for a ~2-epoch budget and the later cycles 1 epoch (4 + 1 + 1, not
+    4 + 2 + 2: the default run's 300 s on 2 cores, docs/benchmarks.md)."""
+    small = resolve_options(RossmannConfig(train="t", store="s"), 6_000)
+    assert small.cycle_epochs == round(small.epochs / 2) >= 10
+    for n in (763_000, 804_056, 844_338, 2_000_000):  # the real data cut anywhere, and larger
+        cfg = resolve_options(RossmannConfig(train="t", store="s"), n)
+        assert (cfg.epochs, cfg.cycle_epochs) == (4, 1), n
+    # the cycle never exceeds half the first cycle, a given --epochs keeps half of it, and an
+    # explicit --cycle-epochs wins
+    assert auto_cycle_epochs(4, 10.0) == 2 and auto_cycle_epochs(4, 1.9) == 1 and auto_cycle_epochs(1, 0.2) == 1
+    assert resolve_options(RossmannConfig(train="t", store="s", epochs=8), 804_056).cycle_epochs == 4
+    assert resolve_options(RossmannConfig(train="t", store="s", cycle_epochs=3), 804_056).cycle_epochs == 3
 
 
 @pytest.fixture(scope="module")
