@@ -138,7 +138,7 @@ class RossmannConfig:
     register: str | None = opt(None, REGISTER_HELP)
     force: bool = opt(False, FORCE_HELP)
     # --lr auto: the lr finder's suggestion bounded to this range (RossmannJob.settle_lr says why)
-    auto_lr_bounds: tuple[float, float] = (1e-3, 1e-2)
+    auto_lr_bounds: tuple[float, float] = (3e-3, 1e-2)
     forest_rows: int = 200_000
     forest_trees: int = 40
     spread_trees: int = 20  # forest kept in the bundle for `score --uncertainty` (0: none)

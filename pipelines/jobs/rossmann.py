@@ -139,9 +139,9 @@ class RossmannJob(TrainingJob[RossmannConfig, PreparedData]):
 
     def settle_lr(self, suggested: float) -> float:
         """The lr finder's suggestion within `auto_lr_bounds`: on the real data it suggests
-        2.8e-3-4e-3 (and 2e-3-5e-3 all train well), on synthetic 5k-50k rows 1.9e-3-3.4e-3, but
-        on one 3.5k-row set it suggested 1.7e-4, which left the network 37% behind its forest
-        (docs/benchmarks.md); a bound catches such misreadings of a noisy sweep."""
+        3.4e-3-4e-3 and 3e-3-5e-3 train better than 2e-3; on synthetic 4k-19k rows the runs whose
+        suggestion fell under 3e-3 (1.7e-4, 1.1e-3) lost to their forest and those above it won
+        (docs/benchmarks.md), so the floor catches a noisy sweep's low reading."""
         lo, hi = self.cfg.auto_lr_bounds
         return float(min(max(suggested, lo), hi))
 
