@@ -116,7 +116,7 @@ class RossmannConfig:
                                      "SchoolHoliday) added to the bundle's event calendar.")
     epochs: int | str = opt(AUTO, "Training epochs (one-cycle), or 'auto': enough epochs for --steps optimizer "
                                   "steps, at least --min-epochs.")
-    lr: str = opt("auto", LR_HELP)
+    lr: str = opt("auto", "'auto' (the lr finder's suggestion, kept within 3e-3..1e-2) or a number.")
     batch_size: int | str = opt(AUTO, "Rows per batch, or 'auto': scaled to the training rows "
                                       "(rows/1600 rounded to a power of two, within 64..1024).")
     steps: int = opt(3000, "Optimizer steps that --epochs auto aims for (the step budget).")
