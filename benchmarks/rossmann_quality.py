@@ -18,6 +18,13 @@ rows with Sales > 0 (the Kaggle metric).
     python benchmarks/rossmann_quality.py --data ../shared/data/rossmann [--no-external] [--trends]
         [--layers 500,250] [--batch-size auto] [--epochs auto] [--lr auto] [--ensemble N]
         [--ensemble-kind snapshot|seeds] [--cycle-epochs auto] [--no-refit] [--cut 2015-06-19]
+        [--set '{"forest_rows": 20000, "forest_trees": 10, "spread_trees": 0}']
+
+`first_k_valid_rmspe` / `first_k_train_seconds` are the means of the first k members (k = 1..N) and
+the training behind them: what `--ensemble k` gives with the same seed and lr (snapshot: the run up
+to the k-th cycle's end; seeds: k runs), so one `--ensemble 5` run gives accuracy per second for
+N = 1..5. `--set` overrides other RossmannConfig fields (e.g. smaller forest checks for runs that
+study the network only: their forest figures are then not the baseline's).
 """
 
 from __future__ import annotations
@@ -114,6 +121,7 @@ def main() -> None:
     parser.add_argument("--valid-days", type=int, default=42)
     parser.add_argument("--cut", default=None, help="forecast check: cut train.csv at this date (see above)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", default="{}", help="JSON overrides of other RossmannConfig fields")
     args = parser.parse_args()
 
     from mlflow import MlflowClient
@@ -126,6 +134,7 @@ def main() -> None:
     layers = tuple(int(x) for x in args.layers.split(",") if x)
     optional = {k: v for k, v in {"steps": args.steps, "ensemble": args.ensemble, "ensemble_kind": args.ensemble_kind,
                                   "cycle_epochs": args.cycle_epochs}.items() if v is not None}
+    optional.update(json.loads(args.set))
     gflops = matmul_gflops()
     forecast: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="bench-rossmann-") as tmp_dir:
@@ -155,13 +164,17 @@ def main() -> None:
     members = int(m["ensemble_members"])
     print(json.dumps({
         "benchmark": "rossmann_quality", "external": not args.no_external, "trends": args.trends,
-        "cut": args.cut, "layers": list(layers), "batch_size": c["batch_size"], "epochs": c["epochs"],
+        "cut": args.cut, "overrides": json.loads(args.set), "layers": list(layers), "batch_size": c["batch_size"], "epochs": c["epochs"],
         "ensemble": c["ensemble"], "ensemble_kind": c["ensemble_kind"], "cycle_epochs": c["cycle_epochs"],
         "refit": c["refit"], "lr": m["lr"],
         "valid_rmspe": m["valid_rmspe"],
         "valid_rmspe_best_epoch_selected_on_valid": m["valid_rmspe_best_epoch_selected_on_valid"],
         "member_valid_rmspe": [m.get(f"valid_rmspe_member_{i}", m["valid_rmspe"]) for i in range(members)],
         "member_train_seconds": [m.get(f"train_seconds_member_{i}", m["valid_run_seconds"]) for i in range(members)],
+        # the mean of the first k members (k = 1..N): `--ensemble k`'s figure, and its training seconds
+        "first_k_valid_rmspe": [m.get(f"valid_rmspe_first_{k}", m["valid_rmspe"]) for k in range(1, members + 1)],
+        "first_k_train_seconds": [m.get(f"train_seconds_first_{k}", m["valid_run_seconds"])
+                                  for k in range(1, members + 1)],
         "rf_valid_rmspe": m["rf_valid_rmspe"], "nn_vs_rf": m["valid_rmspe"] / m["rf_valid_rmspe"],
         "rf_oob_r2": m["rf_oob_r2"], "rf_embeddings_valid_rmspe": m["rf_embeddings_valid_rmspe"],
         "adversarial_auc": m["adversarial_auc"], **forecast,

@@ -17,12 +17,14 @@ import torch
 from mlflow import MlflowClient
 
 from modeling.bundle import load_bundle
+from modeling.errors import DataError
 from modeling.metrics import rmspe
 from modeling.predictors import load_predictor
 from modeling.training.ensemble import predict_mean, train_members
 from pipelines.jobs.rossmann import (
     RossmannConfig,
     auto_batch_size,
+    auto_cycle_epochs,
     auto_epochs,
     build_model,
     prepare,
@@ -151,6 +153,12 @@ def test_snapshot_ensemble_is_one_bundle_averaged_in_log_space(runs, data):
     m = res["metrics"]
     assert m["ensemble_members"] == 3
     assert {f"valid_rmspe_member_{i}" for i in range(3)} <= set(m)
+    # the means of the first k members: k = 1 is member 0, k = N the ensemble's own figure; the
+    # seconds behind them grow (snapshot: the run up to the k-th cycle's end)
+    assert m["valid_rmspe_first_1"] == pytest.approx(m["valid_rmspe_member_0"], rel=1e-6)
+    assert m["valid_rmspe_first_3"] == pytest.approx(m["valid_rmspe"], rel=1e-4)
+    assert m["train_seconds_first_1"] < m["train_seconds_first_2"] < m["train_seconds_first_3"]
+    assert m["train_seconds_first_3"] == pytest.approx(m["train_seconds_member_2"])
     # run history: 3 epochs of the first cycle + two 1-epoch cycles
     steps = MlflowClient(runs["uri"]).get_metric_history(res["run_id"], "epoch/valid_rmspe")
     assert len(steps) == 5
@@ -165,6 +173,9 @@ def test_seed_ensemble_first_member_is_the_single_model(runs):
         assert torch.equal(ens.networks[0].state_dict()[k], v), k
     assert runs["seeds"]["metrics"]["valid_rmspe_member_0"] == pytest.approx(
         runs["no_refit"]["metrics"]["valid_rmspe"], rel=1e-5)
+    m = runs["seeds"]["metrics"]  # seeds: the first k members' seconds add up
+    assert m["train_seconds_first_2"] == pytest.approx(m["train_seconds_member_0"] + m["train_seconds_member_1"])
+    assert m["valid_rmspe_first_2"] == pytest.approx(m["valid_rmspe"], rel=1e-4)
     # the ensemble's figure is the mean of its members in log space, not a pick
     raw, valid, sales = _valid_rows(runs)
     assert rmspe(sales[valid], load_predictor(runs["seeds"]["bundle"]).predict(raw)[valid]) == pytest.approx(
@@ -184,6 +195,35 @@ def test_auto_epochs_and_batch_size_follow_the_data_size():
         assert isinstance(cfg.cycle_epochs, int) and cfg.cycle_epochs >= 1
     fixed = resolve_options(RossmannConfig(train="t", store="s", epochs="7", batch_size=256), 6_000)
     assert (fixed.epochs, fixed.batch_size) == (7, 256)
+
+
+def test_auto_lr_is_the_finder_suggestion_within_bounds():
+    """--lr auto keeps the finder's suggestion inside auto_lr_bounds (small sets that got 1.7e-4 or
+    1.1e-3 lost to their forest, docs/benchmarks.md); inside them it is the suggestion itself."""
+    from pipelines.jobs.rossmann import RossmannJob
+
+    job = RossmannJob(RossmannConfig(train="t", store="s"))
+    assert job.cfg.auto_lr_bounds == (3e-3, 1e-2)
+    assert job.settle_lr(1.7e-4) == 3e-3 and job.settle_lr(3.4e-3) == 3.4e-3 and job.settle_lr(0.3) == 1e-2
+    with pytest.raises(DataError, match="auto_lr_bounds"):
+        RossmannConfig(train="t", store="s", auto_lr_bounds=(1e-2, 1e-3)).validate()
+
+
+def test_auto_cycle_epochs_follow_the_step_budget():
+    """Later snapshot cycles are half the step budget in epochs: on small data (first cycle = the
+    budget) half the first cycle, as before; on the real data's size the --min-epochs floor makes
+    the first cycle 4 epochs for a ~2-epoch budget and the later cycles 1 epoch (4 + 1 + 1, not
+    4 + 2 + 2: the default run's 300 s on 2 cores, docs/benchmarks.md)."""
+    small = resolve_options(RossmannConfig(train="t", store="s"), 6_000)
+    assert small.cycle_epochs == round(small.epochs / 2) >= 10
+    for n in (763_000, 804_056, 844_338, 2_000_000):  # the real data cut anywhere, and larger
+        cfg = resolve_options(RossmannConfig(train="t", store="s"), n)
+        assert (cfg.epochs, cfg.cycle_epochs) == (4, 1), n
+    # the cycle never exceeds half the first cycle, a given --epochs keeps half of it, and an
+    # explicit --cycle-epochs wins
+    assert auto_cycle_epochs(4, 10.0) == 2 and auto_cycle_epochs(4, 1.9) == 1 and auto_cycle_epochs(1, 0.2) == 1
+    assert resolve_options(RossmannConfig(train="t", store="s", epochs=8), 804_056).cycle_epochs == 4
+    assert resolve_options(RossmannConfig(train="t", store="s", cycle_epochs=3), 804_056).cycle_epochs == 3
 
 
 @pytest.fixture(scope="module")

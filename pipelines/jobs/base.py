@@ -194,6 +194,11 @@ class TrainingJob(ABC, Generic[ConfigT, DataT]):
         """The network the lr finder trains a copy of: by default the model just built."""
         return model
 
+    def settle_lr(self, suggested: float) -> float:
+        """The lr training uses for the lr finder's suggestion: by default the suggestion itself (a
+        job may bound it to the range its data was measured in)."""
+        return suggested
+
     @property
     @abstractmethod
     def epoch_metrics(self) -> dict[str, Any]:
@@ -374,7 +379,11 @@ def _resolve_lr(job: TrainingJob[Any, Any], model: nn.Module, tmp: Path, rank0: 
     plot = finder.plot(tmp / "lr_finder.png")
     tracking.log_params({"lr_suggested": lr})
     log.info("lr finder suggests %.3g (%s)", lr, finder.method)
-    return lr, plot
+    settled = job.settle_lr(lr)
+    if settled != lr:
+        tracking.log_params({"lr_settled": settled})
+        log.info("lr %.3g: the suggestion bounded to the job's range", settled)
+    return settled, plot
 
 
 def run_lr_finder(cfg: TrainingOptions, model: nn.Module, train: TensorData) -> LRFinderResult:

@@ -116,7 +116,7 @@ class RossmannConfig:
                                      "SchoolHoliday) added to the bundle's event calendar.")
     epochs: int | str = opt(AUTO, "Training epochs (one-cycle), or 'auto': enough epochs for --steps optimizer "
                                   "steps, at least --min-epochs.")
-    lr: str = opt("auto", LR_HELP)
+    lr: str = opt("auto", "'auto' (the lr finder's suggestion, kept within 3e-3..1e-2) or a number.")
     batch_size: int | str = opt(AUTO, "Rows per batch, or 'auto': scaled to the training rows "
                                       "(rows/1600 rounded to a power of two, within 64..1024).")
     steps: int = opt(3000, "Optimizer steps that --epochs auto aims for (the step budget).")
@@ -125,7 +125,8 @@ class RossmannConfig:
     ensemble_kind: str = opt("snapshot", "snapshot: the ends of the cycles of one run with warm restarts; "
                                          "seeds: independent runs from seeds seed, seed+1, ...")
     cycle_epochs: int | str = opt(AUTO, "snapshot: epochs of each cycle after the first, or 'auto' "
-                                        "(half the first cycle's epochs, at least 1).")
+                                        "(half the epochs the step budget asks for, at most half the "
+                                        "first cycle's, at least 1; with a given --epochs, half of it).")
     refit: bool = opt(True, "After the validation run, train the logged model on all rows (train + valid) "
                             "with the same settings; the run keeps the validation run's metrics.")
     layers: tuple[int, ...] = opt((500, 250), "Hidden layer sizes, comma-separated.")
@@ -136,6 +137,8 @@ class RossmannConfig:
     experiment: str = opt("rossmann", "MLflow experiment.")
     register: str | None = opt(None, REGISTER_HELP)
     force: bool = opt(False, FORCE_HELP)
+    # --lr auto: the lr finder's suggestion bounded to this range (RossmannJob.settle_lr says why)
+    auto_lr_bounds: tuple[float, float] = (3e-3, 1e-2)
     forest_rows: int = 200_000
     forest_trees: int = 40
     spread_trees: int = 20  # forest kept in the bundle for `score --uncertainty` (0: none)
@@ -165,6 +168,9 @@ class RossmannConfig:
             raise DataError(f"--ensemble-kind must be one of {ENSEMBLE_KINDS}, got {self.ensemble_kind!r}")
         if self.spread_trees < 0 or self.spread_leaves < 2:
             raise DataError("spread_trees must be >= 0 and spread_leaves >= 2")
+        lo, hi = self.auto_lr_bounds
+        if not 0 < lo <= hi:
+            raise DataError(f"auto_lr_bounds must be 0 < low <= high, got {self.auto_lr_bounds}")
 
 
 # ---------------------------------------------------------------- ratings

@@ -73,8 +73,8 @@ from pipelines.jobs.base import (
 )
 from pipelines.jobs.config import AUTO, RossmannConfig
 
-__all__ = ["RossmannConfig", "RossmannJob", "PreparedData", "auto_batch_size", "auto_epochs", "build_model",
-           "drift_sample", "find_lr", "log_rmspe", "prepare", "resolve_options", "rmspe_metric", "run_forest_checks",
+__all__ = ["RossmannConfig", "RossmannJob", "PreparedData", "auto_batch_size", "auto_cycle_epochs", "auto_epochs",
+           "build_model", "drift_sample", "find_lr", "log_rmspe", "prepare", "resolve_options", "rmspe_metric", "run_forest_checks",
            "spread_forest", "train_rossmann"]
 
 log = logging.getLogger("tabrec.train.rossmann")
@@ -137,6 +137,14 @@ class RossmannJob(TrainingJob[RossmannConfig, PreparedData]):
     def build_model(self) -> TabularModel:
         return build_model(self.cfg, self.data)
 
+    def settle_lr(self, suggested: float) -> float:
+        """The lr finder's suggestion within `auto_lr_bounds`: on the real data it suggests
+        3.4e-3-4e-3 and 3e-3-5e-3 train better than 2e-3; on synthetic 4k-19k rows the runs whose
+        suggestion fell under 3e-3 (1.7e-4, 1.1e-3) lost to their forest and those above it won
+        (docs/benchmarks.md), so the floor catches a noisy sweep's low reading."""
+        lo, hi = self.cfg.auto_lr_bounds
+        return float(min(max(suggested, lo), hi))
+
     @property
     def epoch_metrics(self) -> dict[str, Any]:
         return {"rmspe": rmspe_metric}
@@ -183,8 +191,18 @@ class RossmannJob(TrainingJob[RossmannConfig, PreparedData]):
             for i, p in enumerate(preds):
                 metrics[f"valid_rmspe_member_{i}"] = log_rmspe(y, p)
             # seconds of training behind each member (snapshot: the run up to its cycle's end)
-            for i, sec in enumerate(fit.info.get("member_seconds", [])):
-                metrics[f"train_seconds_member_{i}"] = float(sec)
+            member_seconds = [float(s) for s in fit.info.get("member_seconds", [])]
+            for i, sec in enumerate(member_seconds):
+                metrics[f"train_seconds_member_{i}"] = sec
+            # the ensembles of the first k members (k = 1..N): what `--ensemble k` would have given
+            # (same seed and lr), and the training seconds behind it; accuracy per second in one run
+            total = np.zeros_like(preds[0])
+            for k, p in enumerate(preds, start=1):
+                total += p
+                metrics[f"valid_rmspe_first_{k}"] = log_rmspe(y, total / k)
+                if len(member_seconds) == len(preds):
+                    snapshot = self.cfg.ensemble_kind == "snapshot"
+                    metrics[f"train_seconds_first_{k}"] = member_seconds[k - 1] if snapshot else sum(member_seconds[:k])
         return metrics
 
     def checks(self, fit: Fitted) -> Checks:
@@ -276,12 +294,25 @@ def auto_epochs(n_rows: int, batch_size: int, steps: int, min_epochs: int) -> in
     return max(int(min_epochs), math.ceil(steps / per_epoch))
 
 
+def auto_cycle_epochs(first_epochs: int, budget_epochs: float | None = None) -> int:
+    """Epochs of each later snapshot cycle: half of what the step budget asks for (`budget_epochs`,
+    steps / steps-per-epoch, unrounded), at least 1, never more than half the first cycle. On small
+    data the first cycle is the budget, so a later cycle is half of it; on large data the
+    `--min-epochs` floor makes the first cycle longer than the budget (the real 804k rows: 4
+    epochs for a 1.9-epoch budget) and the later cycles stay at half the budget (1 epoch), which
+    keeps the default real-data run (validation + refit) at 12 epochs instead of 16."""
+    basis = float(first_epochs) if budget_epochs is None else min(float(first_epochs), float(budget_epochs))
+    return max(1, round(basis / 2))
+
+
 def resolve_options(cfg: RossmannConfig, n_train: int) -> RossmannConfig:
     """`cfg` with 'auto' batch size, epochs and cycle length settled for `n_train` training rows.
     A refit uses these same values (same epochs: every row is seen as often as in the validation run)."""
     bs = auto_batch_size(n_train) if cfg.batch_size == AUTO else int(cfg.batch_size)
     epochs = auto_epochs(n_train, bs, cfg.steps, cfg.min_epochs) if cfg.epochs == AUTO else int(cfg.epochs)
-    cycle = max(1, round(epochs / 2)) if cfg.cycle_epochs == AUTO else int(cfg.cycle_epochs)
+    # with --epochs auto the later cycles follow the step budget; with a given --epochs, half of it
+    budget = cfg.steps / max(1, math.ceil(n_train / bs)) if cfg.epochs == AUTO else None
+    cycle = auto_cycle_epochs(epochs, budget) if cfg.cycle_epochs == AUTO else int(cfg.cycle_epochs)
     return replace(cfg, batch_size=bs, epochs=epochs, cycle_epochs=cycle)
 
 
