@@ -136,8 +136,10 @@ class RankingChoice:
     beta: float
     inner_precision: float | None = None
     inner_pop_precision: float | None = None
+    inner_t: float | None = None  # t statistic of the best head setting against popularity
     inner_users: int = 0
     inner_pairs: int = 0
+    inner_folds: int = 1
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any], where: str) -> RankingChoice:
@@ -148,8 +150,9 @@ class RankingChoice:
             return cls(epochs=int(doc["epochs"]), schedule_epochs=int(doc["schedule_epochs"]),
                        head_weight=float(doc["head_weight"]), beta=float(doc["beta"]),
                        inner_precision=num("inner_precision"),
-                       inner_pop_precision=num("inner_pop_precision"), inner_users=int(doc.get("inner_users", 0)),
-                       inner_pairs=int(doc.get("inner_pairs", 0)))
+                       inner_pop_precision=num("inner_pop_precision"), inner_t=num("inner_t"),
+                       inner_users=int(doc.get("inner_users", 0)), inner_pairs=int(doc.get("inner_pairs", 0)),
+                       inner_folds=int(doc.get("inner_folds", 1)))
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{where}: ranking_choice is malformed ({exc})") from None
 

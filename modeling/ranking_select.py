@@ -5,16 +5,19 @@ The head's best settings depend on the data: on MovieLens users choose by taste 
 catalogue-wide softmax fit ranks far above popularity; on data where choices follow popularity
 (the demo's synthetic ratings) the same fit learns noise and ranks below "most popular". Fixed
 defaults cannot hold on both, and the validation rows the run reports must never pick anything.
-So the choice is made on an inner split of the training pairs:
+So the choice is made on inner splits of the training pairs:
 
-1. `inner_split` holds out ~10% of each user's training positives (seeded; users with few
-   positives keep them all);
-2. the head trains on the rest under its usual one-cycle schedule; at a few epochs
+1. `inner_split` holds out 25% of each user's training positives (seeded; users with fewer
+   than 5 positives keep them all);
+2. the head trains on the rest under its usual one-cycle schedule; at about six epochs of it
    `PriorSearch` scores the inner holdout with score = head_weight * head + beta * log(1 +
-   popularity) for every (head_weight, beta) of `PRIOR_GRID` (head_weight 0: popularity alone,
-   the fall-back), and `choose` keeps the best (epochs, head_weight, beta) by precision at k
-   (NDCG breaks ties, then fewer epochs, then less popularity);
-3. the head is refitted on all training pairs under the same schedule, stopped after the chosen
+   popularity) for every (head_weight, beta) of `PRIOR_GRID` (head_weight 0: popularity alone);
+3. `choose` keeps the best (epochs, head_weight, beta) by precision at k, unless it beats
+   popularity alone by less than two standard errors of the paired per-user difference: a
+   choice among ~40 settings on noise would otherwise rank a little below popularity on data
+   where popularity is all there is. While that test is undecided (|t| < 3) a fresh inner split
+   is drawn and the per-user figures pooled, up to 5 splits (small data: a few hundred users
+   4. the head is refitted on all training pairs under the same schedule, stopped after the chosen
    epochs (`StopAt`), and `with_prior` folds the prior into its item bias.
 
 `with_prior` is the one scorer: it returns a plain `DotProductBias` whose scores are the chosen
@@ -40,16 +43,20 @@ from modeling.ranking import build_ranking_head, popularity, ranking_task, uniqu
 from modeling.training import History, Trainer
 from modeling.training.callbacks import Callback
 
-__all__ = ["PRIOR_GRID", "FittedHead", "PriorSearch", "StopAt", "choose", "fit_ranking_head", "inner_split",
-           "log_popularity", "search_epochs", "with_prior"]
+__all__ = ["PRIOR_GRID", "FittedHead", "PriorSearch", "Scored", "StopAt", "choose", "fit_ranking_head",
+           "head_vs_popularity", "inner_split", "log_popularity", "pooled", "search_epochs", "with_prior"]
 
 # (head_weight, beta): the head alone, the head with a growing popularity prior, popularity alone
 PRIOR_GRID: tuple[tuple[float, float], ...] = (
     (1.0, 0.0), (1.0, 0.25), (1.0, 0.5), (1.0, 1.0), (1.0, 2.0), (1.0, 4.0), (0.0, 1.0),
 )
-INNER_FRAC = 0.1  # share of each user's training positives held out to choose on
+INNER_FRAC = 0.25  # share of each user's training positives held out to choose on (as the 75/25 protocol)
 MIN_POSITIVES = 5  # users with fewer training positives hold none out
 INNER_USERS = 5000  # at most this many inner-holdout users are scored (a seeded sample)
+FALLBACK_Z = 2.0  # the head must beat popularity by this many standard errors on the inner holdout
+MAX_FOLDS = 5  # inner splits (fresh 10% holdouts) pooled while the head-vs-popularity test is undecided
+EARLY_Z = 3.0  # |t| that ends the splits early (stricter than FALLBACK_Z: looking after each split
+#                 and stopping at the first |t| >= 2 would let noise through more often than once)
 
 
 def log_popularity(items: np.ndarray, n_items: int) -> np.ndarray:
@@ -110,20 +117,23 @@ class PriorSearch(Callback):
         if epoch + 1 in self.at_epochs and len(self.users):
             self.table.extend(Scored(epoch + 1, w, b, p) for w, b, p in self.evaluate(trainer.model))
 
-    def evaluate(self, model: torch.nn.Module) -> list[tuple[float, float, np.ndarray]]:
-        """(head_weight, beta, per-user precision@k) of `model` for every grid entry."""
-        scores = score_all_items(model, torch.from_numpy(self.users)).float().cpu()
-        n_items = scores.shape[1]
-        rows = np.arange(len(self.users), dtype=np.int64)[:, None]
-        out = []
-        for w, b in self.grid:
-            s = scores * w + self.log_pop * b
-            s[:, 0] = -math.inf
-            s[self.seen_rows, self.seen_cols] = -math.inf
-            top = torch.topk(s, min(self.k, n_items), dim=1).indices.numpy()
-            hits = np.isin(rows * n_items + top, self.relevant_keys)
-            out.append((w, b, hits.sum(axis=1) / self.k))
-        return out
+    def evaluate(self, model: torch.nn.Module, chunk: int = 1024) -> list[tuple[float, float, np.ndarray]]:
+        """(head_weight, beta, per-user precision@k) of `model` for every grid entry; users are
+        scored `chunk` at a time (a [chunk, n_items] matrix at once)."""
+        n_items = len(self.log_pop)
+        hits = np.zeros((len(self.grid), len(self.users)))
+        for start in range(0, len(self.users), chunk):
+            stop = min(start + chunk, len(self.users))
+            scores = score_all_items(model, torch.from_numpy(self.users[start:stop])).float().cpu()
+            in_chunk = (self.seen_rows >= start) & (self.seen_rows < stop)
+            rows = np.arange(start, stop, dtype=np.int64)[:, None]
+            for g, (w, b) in enumerate(self.grid):
+                s = scores * w + self.log_pop * b
+                s[:, 0] = -math.inf
+                s[self.seen_rows[in_chunk] - start, self.seen_cols[in_chunk]] = -math.inf
+                top = torch.topk(s, min(self.k, n_items), dim=1).indices.numpy()
+                hits[g, start:stop] = np.isin(rows * n_items + top, self.relevant_keys).sum(axis=1)
+        return [(w, b, hits[g] / self.k) for g, (w, b) in enumerate(self.grid)]
 
 
 @dataclass
@@ -151,27 +161,46 @@ class StopAt(Callback):
             trainer.stop_training = True
 
 
-def choose(search: PriorSearch, schedule_epochs: int, inner_pairs: int, z: float = 2.0) -> RankingChoice:
-    """The best (epoch, head_weight, beta) of `search.table` by inner precision (ties: fewer
-    epochs, then less popularity), unless it beats popularity alone (head_weight 0) by less than
-    `z` standard errors of the paired per-user difference: then popularity, the simpler ranking,
-    whose figure on the inner holdout is as good within its noise."""
-    if not search.table:  # nothing to choose on (no user with enough positives): the plain head
+def pooled(tables: Sequence[Sequence[Scored]]) -> list[Scored]:
+    """One table from the tables of several inner splits: per user, the mean precision over the
+    splits of each (epoch, head_weight, beta) (the same users are scored in every split)."""
+    if len(tables) == 1:
+        return list(tables[0])
+    return [Scored(r.epoch, r.head_weight, r.beta, np.mean([t[j].precision for t in tables], axis=0))
+            for j, r in enumerate(tables[0])]
+
+
+def head_vs_popularity(table: Sequence[Scored]) -> tuple[Scored, Scored | None, float]:
+    """(best head row by mean precision (ties: fewer epochs, less popularity), popularity's row,
+    t statistic of their paired per-user difference; +inf without a popularity row)."""
+    heads = [r for r in table if r.head_weight != 0.0]
+    pops = [r for r in table if r.head_weight == 0.0]
+    best = max(heads or table, key=lambda r: (r.mean, -r.epoch, -r.beta))
+    if not pops or best is pops[0]:
+        return best, pops[0] if pops else None, math.inf
+    diff = best.precision - pops[0].precision
+    se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
+    t = float(diff.mean() / se) if se > 0 else (math.inf if diff.mean() > 0 else 0.0)
+    return best, pops[0], t
+
+
+def choose(table: Sequence[Scored], schedule_epochs: int, inner_users: int, inner_pairs: int, folds: int = 1,
+           z: float = FALLBACK_Z) -> RankingChoice:
+    """The best (epoch, head_weight, beta) of `table` by inner precision, unless it beats
+    popularity alone (head_weight 0) by less than `z` standard errors of the paired per-user
+    difference: then popularity, the simpler ranking, as good within the noise of the inner
+    holdout (a choice among ~40 settings on noise would otherwise rank below it)."""
+    if not table:  # nothing to choose on (no user with enough positives): the plain head
         return RankingChoice(epochs=schedule_epochs, schedule_epochs=schedule_epochs, head_weight=1.0, beta=0.0,
-                             inner_users=0, inner_pairs=inner_pairs)
-    heads = [r for r in search.table if r.head_weight != 0.0]
-    pops = [r for r in search.table if r.head_weight == 0.0]
-    best = max(heads or search.table, key=lambda r: (r.mean, -r.epoch, -r.beta))
-    pop = pops[0] if pops else None
+                             inner_users=0, inner_pairs=inner_pairs, inner_folds=folds)
+    best, pop, t = head_vs_popularity(table)
     epochs = best.epoch  # the head's item factors (similar items) come from this fit either way
-    if pop is not None and best is not pop:
-        diff = best.precision - pop.precision
-        se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
-        if not diff.mean() > z * se:
-            best = pop
+    if pop is not None and not t > z:
+        best = pop
     return RankingChoice(epochs=epochs, schedule_epochs=schedule_epochs, head_weight=best.head_weight, beta=best.beta,
                          inner_precision=best.mean, inner_pop_precision=None if pop is None else pop.mean,
-                         inner_users=len(search.users), inner_pairs=inner_pairs)
+                         inner_t=None if math.isinf(t) else t, inner_users=inner_users, inner_pairs=inner_pairs,
+                         inner_folds=folds)
 
 
 def inner_csrs(users: np.ndarray, items: np.ndarray, hold: np.ndarray,
@@ -219,16 +248,26 @@ def fit_ranking_head(loss: str, train_users: np.ndarray, train_items: np.ndarray
     chosen on them."""
     keep = (np.asarray(train_users) > 0) & (np.asarray(train_items) > 0)
     pu, pi = unique_pairs(np.asarray(train_users)[keep], np.asarray(train_items)[keep])
-    hold = inner_split(pu, seed=seed)
-    seen, relevant = inner_csrs(pu, pi, hold, n_users)
-    search = PriorSearch(seen, relevant, log_popularity(pi[~hold], n_items), search_epochs(epochs), k=k, seed=seed)
     t0 = time.perf_counter()
-    if len(search.users):
+    tables: list[list[Scored]] = []
+    users = 0
+    for fold in range(MAX_FOLDS):
+        hold = inner_split(pu, frac=INNER_FRAC, seed=seed + 7919 * fold)
+        seen, relevant = inner_csrs(pu, pi, hold, n_users)
+        search = PriorSearch(seen, relevant, log_popularity(pi[~hold], n_items), search_epochs(epochs), k=k,
+                             seed=seed)
+        users = len(search.users)
+        if not users:
+            break
         inner = ranking_task(loss, pu[~hold], pi[~hold], n_users, n_items, n_negatives=negatives)
         torch.manual_seed(seed)
         head = build_ranking_head(n_users, n_items, factors)
         make_trainer(head, inner.objective, [search], False).fit(inner.train, None, epochs=epochs)
-    choice = choose(search, epochs, int(len(pu) - hold.sum()))
+        tables.append(search.table)
+        if abs(head_vs_popularity(pooled(tables))[2]) >= EARLY_Z:  # decided: no further split
+            break
+    table = pooled(tables) if tables else []
+    choice = choose(table, epochs, users, int(len(pu) - hold.sum()), folds=len(tables))
     t1 = time.perf_counter()
     task = ranking_task(loss, pu, pi, n_users, n_items, valid_users, valid_items, n_negatives=negatives)
     torch.manual_seed(seed)

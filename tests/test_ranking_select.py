@@ -10,7 +10,6 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -29,6 +28,7 @@ from modeling.ranking_select import (
     choose,
     inner_split,
     log_popularity,
+    pooled,
     with_prior,
 )
 from pipelines.batch import recommend_file
@@ -69,17 +69,24 @@ def test_choose_falls_back_to_popularity_unless_the_head_is_clearly_better():
     pop = Scored(5, 0.0, 1.0, np.full(400, 0.2))
     edge = pop.precision.copy()
     edge[:3] += 0.1  # ahead on 3 users of 400: within two standard errors of the paired difference
-    search = SimpleNamespace(users=np.arange(400), table=[pop, Scored(10, 1.0, 0.5, edge)])
-    within = choose(search, 30, 1000)  # type: ignore[arg-type]
+    table = [pop, Scored(10, 1.0, 0.5, edge)]
+    within = choose(table, 30, 400, 1000)
     assert (within.head_weight, within.beta, within.epochs) == (0.0, 1.0, 10)
     assert within.inner_precision == within.inner_pop_precision == pytest.approx(0.2)
+    assert 0 < within.inner_t < 2
     clear = pop.precision.copy()
     clear[:200] += 0.1
-    search.table.append(Scored(20, 1.0, 0.25, clear))
-    chosen = choose(search, 30, 1000)  # type: ignore[arg-type]
+    table.append(Scored(20, 1.0, 0.25, clear))
+    chosen = choose(table, 30, 400, 1000, folds=2)
     assert (chosen.head_weight, chosen.beta, chosen.epochs, chosen.schedule_epochs) == (1.0, 0.25, 20, 30)
     assert chosen.inner_precision == pytest.approx(0.25) and chosen.inner_pop_precision == pytest.approx(0.2)
-    assert (chosen.inner_users, chosen.inner_pairs) == (400, 1000)
+    assert (chosen.inner_users, chosen.inner_pairs, chosen.inner_folds) == (400, 1000, 2) and chosen.inner_t > 2
+    # several inner splits: per user, the mean over the splits of each setting
+    other = [Scored(5, 0.0, 1.0, np.full(400, 0.4)), Scored(10, 1.0, 0.5, np.zeros(400))]
+    both = pooled([table[:2], other])
+    assert [(r.epoch, r.head_weight, r.beta) for r in both] == [(5, 0.0, 1.0), (10, 1.0, 0.5)]
+    np.testing.assert_allclose(both[0].precision, 0.3)
+    np.testing.assert_allclose(both[1].precision, edge / 2)
 
 
 def test_prior_search_scores_the_inner_holdout_for_every_grid_entry():
@@ -157,7 +164,7 @@ def test_choice_is_in_the_bundle_and_the_served_ranker_is_what_was_measured(popu
     assert (choice.epochs, choice.beta, choice.head_weight) == (
         m["ranking_epochs_chosen"], m["ranking_prior_beta"], m["ranking_head_weight"])
     assert choice.schedule_epochs == cfg.ranking_epochs == 30 and 1 <= choice.epochs <= 30
-    assert choice.inner_users > 0 and choice.inner_pairs > 0
+    assert choice.inner_users > 0 and choice.inner_pairs > 0 and 1 <= choice.inner_folds <= 5
     doc = json.loads((bundle / BUNDLE_JSON).read_text())
     assert doc["ranking_choice"]["beta"] == choice.beta
     again = RatingsSpec.from_doc(json.loads(json.dumps(pred.spec.to_doc())), "round trip")
