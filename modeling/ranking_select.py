@@ -57,7 +57,7 @@ INNER_FRAC = 0.25  # share of each user's training positives held out to choose 
 MIN_POSITIVES = 5  # users with fewer training positives hold none out
 INNER_USERS = 5000  # at most this many inner-holdout users are scored (a seeded sample)
 FALLBACK_Z = 2.0  # the head must beat popularity by this many standard errors on the inner holdout
-MAX_FOLDS = 5  # inner splits (fresh 10% holdouts) pooled while the head-vs-popularity test is undecided
+MAX_FOLDS = 5  # inner splits (fresh holdouts) pooled while the head-vs-popularity test is undecided
 EARLY_Z = 3.0  # |t| that ends the splits early (stricter than FALLBACK_Z: looking after each split
 #                 and stopping at the first |t| >= 2 would let noise through more often than once)
 
