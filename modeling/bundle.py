@@ -123,6 +123,40 @@ class ZeroRule:
     equals: float
 
 
+@dataclass
+class RankingChoice:
+    """How the served ranking head was chosen, on an inner split of the training pairs only
+    (`modeling.ranking_select`): trained `epochs` of a `schedule_epochs` one-cycle schedule, and
+    it scores head_weight * head + beta * log(1 + training popularity), folded into the stored
+    network's weights (head_weight 0: popularity alone). `inner_*`: the figures it was chosen on."""
+
+    epochs: int
+    schedule_epochs: int
+    head_weight: float
+    beta: float
+    inner_precision: float | None = None
+    inner_pop_precision: float | None = None
+    inner_t: float | None = None  # t statistic of the best head setting against popularity
+    inner_users: int = 0
+    inner_pairs: int = 0
+    inner_folds: int = 1
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any], where: str) -> RankingChoice:
+        def num(key: str) -> float | None:
+            return None if doc.get(key) is None else float(doc[key])
+
+        try:
+            return cls(epochs=int(doc["epochs"]), schedule_epochs=int(doc["schedule_epochs"]),
+                       head_weight=float(doc["head_weight"]), beta=float(doc["beta"]),
+                       inner_precision=num("inner_precision"),
+                       inner_pop_precision=num("inner_pop_precision"), inner_t=num("inner_t"),
+                       inner_users=int(doc.get("inner_users", 0)), inner_pairs=int(doc.get("inner_pairs", 0)),
+                       inner_folds=int(doc.get("inner_folds", 1)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{where}: ranking_choice is malformed ({exc})") from None
+
+
 # ---------------------------------------------------------------------------- specs
 
 
@@ -216,7 +250,8 @@ class TabularSpec(BundleSpec):
 class RatingsSpec(BundleSpec):
     """A collaborative-filtering model: the id vocabularies (code i + 1 = position i; 0 is the
     unknown token), item titles, the rating scale, and an optional second network `ranking`
-    that answers top-k recommendations and similar items in place of the rating model.
+    that answers top-k recommendations and similar items in place of the rating model;
+    `ranking_choice` records how that network was chosen (epochs, popularity prior).
 
     `global_mean`: the bias baseline's mu; with the extras BASELINE_USER_BIAS/BASELINE_ITEM_BIAS
     it answers the rating of an unknown user or item (mu + the known side's bias).
@@ -229,6 +264,7 @@ class RatingsSpec(BundleSpec):
     item_titles: list[str | None] | None = None
     rating_scale: list[float] | None = None
     ranking: ModelSpec | None = None
+    ranking_choice: RankingChoice | None = None
     global_mean: float | None = None
     interactions_only: bool = False
 
@@ -245,6 +281,8 @@ class RatingsSpec(BundleSpec):
             item_titles=doc.get("item_titles"),
             rating_scale=None if doc.get("rating_scale") is None else [float(v) for v in doc["rating_scale"]],
             ranking=None if ranking is None else ModelSpec.from_doc(ranking, f"{where} ranking"),
+            ranking_choice=None if doc.get("ranking_choice") is None
+            else RankingChoice.from_doc(doc["ranking_choice"], f"{where} ranking_choice"),
             global_mean=None if doc.get("global_mean") is None else float(doc["global_mean"]),
             interactions_only=bool(doc.get("interactions_only", False)),
         )

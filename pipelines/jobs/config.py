@@ -226,7 +226,9 @@ class RatingsConfig:
                               "(off: the rating model ranks).")
     ranking_loss: str = opt("softmax", "Ranking head loss: softmax (over the whole catalogue) or bpr.")
     # None = the loss's default from RANKING_DEFAULTS.
-    ranking_epochs: int | None = opt(None, _per_loss("Ranking head epochs (one-cycle).", "ranking_epochs"))
+    ranking_epochs: int | None = opt(None, _per_loss("Ranking head one-cycle schedule in epochs; the head stops at the "
+                                                         "epoch chosen on an inner split of the training pairs.",
+                                                         "ranking_epochs"))
     ranking_lr: float | None = opt(None, _per_loss("Ranking head learning rate.", "ranking_lr"))
     ranking_wd: float | None = opt(None, _per_loss("Ranking head AdamW weight decay.", "ranking_wd"))
     ranking_batch_size: int | None = opt(None, _per_loss("Ranking head batch: users (softmax) or "

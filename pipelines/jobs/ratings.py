@@ -11,7 +11,6 @@ through `pipelines.jobs.base.run_job`; `find_lr` is `tabrec lr-find ratings`.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from modeling.bundle import (
     SEEN_INDICES,
     SEEN_INDPTR,
     ModelSpec,
+    RankingChoice,
     RatingsSpec,
 )
 from modeling.collab import DotProductBias, EmbeddingNN, csr_from_pairs, item_biases, item_factors
@@ -43,6 +43,7 @@ from modeling.ranking import (
     ranking_task,
     unique_pairs,
 )
+from modeling.ranking_select import FittedHead, fit_ranking_head
 from modeling.schema import InputField, InputSchema
 from modeling.training import (
     History,
@@ -55,7 +56,15 @@ from modeling.training import (
 from pipelines import reports, tracking
 from pipelines.ingest.ratings import rating_scale, read_items, read_ratings
 from pipelines.jobs import analysis as views
-from pipelines.jobs.base import BundleParts, Checks, Fitted, TrainingJob, run_job, seeded_lr_find
+from pipelines.jobs.base import (
+    BundleParts,
+    Checks,
+    Fitted,
+    Trained,
+    TrainingJob,
+    run_job,
+    seeded_lr_find,
+)
 from pipelines.jobs.config import MODEL_DEFAULTS, MODELS, SPLITS, RatingsConfig
 from pipelines.jobs.ratings_eval import (
     activity_features,
@@ -126,6 +135,8 @@ class RatingsJob(TrainingJob[RatingsConfig, RatingsData]):
         self.head: DotProductBias | None = None  # the ranking head, once trained
         self.head_history: History | None = None
         self.head_seconds = 0.0
+        self.choice: RankingChoice | None = None  # how the head was chosen (inner split)
+        self.head_split = (0.0, 0.0)  # seconds of the head's inner fit (and search) and of its refit
 
     def prepare(self) -> RatingsData:
         data = prepare(self.cfg)
@@ -168,25 +179,48 @@ class RatingsJob(TrainingJob[RatingsConfig, RatingsData]):
     def objective(self) -> Objective | None:
         return self.data.ranking.objective if self.data.implicit and self.data.ranking else None
 
+    def fit_networks(self, model: torch.nn.Module, lr: float, train: TensorData, valid: TensorData | None,
+                     callbacks: list[Any]) -> Trained:
+        """Interactions only: the ranking head is the model, chosen and refitted as beside a rating
+        model (`fit_head`); otherwise the rating model's usual fit."""
+        if not self.data.implicit:
+            return super().fit_networks(model, lr, train, valid, callbacks)
+        fitted = self.fit_head(lr, callbacks)
+        return Trained([fitted.ranker], fitted.history, fitted.inner_seconds + fitted.refit_seconds)
+
     def train_heads(self, model: torch.nn.Module) -> float:
         """The ranking head beside the rating model (not with --no-ranking or interactions only)."""
         cfg, d = self.cfg, self.data
         if d.implicit or not cfg.ranking:
             return 0.0
-        task = head_task(cfg, d)
-        torch.manual_seed(cfg.seed)
-        head = build_ranking_head(d.n_users, d.n_items, cfg.factors)
         rank0 = distributed.current().is_main
-        trainer = Trainer(head, lr=cfg.ranking_lr, wd=cfg.ranking_wd, batch_size=cfg.ranking_batch_size,
-                          seed=cfg.seed, quiet=cfg.quiet or not rank0, objective=task.objective,
-                          callbacks=[tracking.MLflowEpochLogger(prefix="ranking/")] if rank0 else [])
-        log.info("training the ranking head (%s loss) on %d rows, %d epochs", cfg.ranking_loss, len(task.train),
-                 cfg.ranking_epochs)
-        t0 = time.perf_counter()
-        self.head_history = trainer.fit(task.train, task.valid, epochs=cfg.ranking_epochs)
-        self.head_seconds = time.perf_counter() - t0
-        self.head = head.eval()
+        fitted = self.fit_head(cfg.ranking_lr, [tracking.MLflowEpochLogger(prefix="ranking/")] if rank0 else [])
+        self.head_history, self.head = fitted.history, fitted.ranker
+        self.head_seconds = fitted.inner_seconds + fitted.refit_seconds
+        self.head_split = (fitted.inner_seconds, fitted.refit_seconds)
         return self.head_seconds
+
+    def fit_head(self, lr: float, refit_callbacks: list[Any]) -> FittedHead:
+        """The ranking head: epochs and popularity prior chosen on an inner split of the training
+        pairs (`modeling.ranking_select`), then refitted on every training pair; the served
+        ranker has the prior folded in. `refit_callbacks` (MLflow curves) see the refit only."""
+        cfg, d = self.cfg, self.data
+        quiet = cfg.quiet or not distributed.current().is_main
+
+        def make_trainer(head: torch.nn.Module, objective: Any, extra: list[Any], refit: bool) -> Trainer:
+            return Trainer(head, lr=lr, wd=cfg.ranking_wd, batch_size=cfg.ranking_batch_size, seed=cfg.seed,
+                           quiet=quiet, objective=objective, callbacks=[*extra, *(refit_callbacks if refit else [])])
+
+        log.info("training the ranking head (%s loss): epochs and popularity prior chosen on an inner split "
+                 "of the training pairs, schedule of %d epochs", cfg.ranking_loss, cfg.ranking_epochs)
+        fitted = fit_ranking_head(cfg.ranking_loss, d.tu, d.ti, d.n_users, d.n_items, cfg.ranking_epochs, cfg.factors,
+                                  make_trainer, seed=cfg.seed, negatives=cfg.ranking_negatives, valid_users=d.vu,
+                                  valid_items=d.vi, k=TOP_K)
+        c = self.choice = fitted.choice
+        log.info("ranking head: %d of %d epochs, score = %g * head + %g * log(1 + popularity) (inner P@%d %s, "
+                 "popularity %s, t %s, %d inner splits)", c.epochs, c.schedule_epochs, c.head_weight, c.beta, TOP_K,
+                 c.inner_precision, c.inner_pop_precision, c.inner_t, c.inner_folds)
+        return fitted
 
     def evaluate(self, fit: Fitted) -> dict[str, float]:
         cfg, d = self.cfg, self.data
@@ -207,6 +241,9 @@ class RatingsJob(TrainingJob[RatingsConfig, RatingsData]):
                 metrics.update({k: v for k, v in own.items() if "precision" in k or "ndcg" in k})
         if self.head is not None:
             metrics["ranking_train_seconds"] = self.head_seconds
+            metrics["ranking_inner_seconds"], metrics["ranking_refit_seconds"] = self.head_split
+        if self.choice is not None:
+            metrics.update(choice_metrics(self.choice))
         metrics.update(holdout.report(ranker, TOP_K))
         metrics.update(holdout.report_scores(popularity(unique_pairs(d.tu, d.ti)[1], d.n_items), TOP_K, "pop_"))
         metrics["ranking_eval_users"] = float(len(holdout.users))
@@ -275,6 +312,7 @@ class RatingsJob(TrainingJob[RatingsConfig, RatingsData]):
             metrics={k: float(v) for k, v in metrics.items()}, data_fingerprint=fingerprint,
             training=asdict(cfg), run_id=run_id,
             ranking=ModelSpec.of(self.head, prefix="ranking") if self.head is not None else None,
+            ranking_choice=self.choice,  # of `ranking`, or of `model` for interactions only
             global_mean=None if d.baseline is None else d.baseline.mu, interactions_only=d.implicit,
         )
         extras = {
@@ -294,10 +332,18 @@ class RatingsJob(TrainingJob[RatingsConfig, RatingsData]):
         return BundleParts(spec, networks, extras=extras, example=example, example_pred=example_pred)
 
 
-def head_task(cfg: RatingsConfig, d: RatingsData) -> RankingTask:
-    """The ranking head's objective and rows: every (user, item) of the training split once."""
-    return ranking_task(cfg.ranking_loss, d.tu, d.ti, d.n_users, d.n_items, d.vu, d.vi,
-                        n_negatives=cfg.ranking_negatives)
+def choice_metrics(c: RankingChoice) -> dict[str, float]:
+    """The head's choice as run metrics (MLflow, `train --json`): chosen on the inner split only."""
+    out = {"ranking_epochs_chosen": float(c.epochs), "ranking_prior_beta": c.beta,
+           "ranking_head_weight": c.head_weight, "ranking_inner_users": float(c.inner_users),
+           "ranking_inner_folds": float(c.inner_folds)}
+    if c.inner_t is not None:
+        out["ranking_inner_t"] = c.inner_t
+    if c.inner_precision is not None:
+        out[f"ranking_inner_precision_at_{TOP_K}"] = c.inner_precision
+    if c.inner_pop_precision is not None:
+        out[f"ranking_inner_pop_precision_at_{TOP_K}"] = c.inner_pop_precision
+    return out
 
 
 def prepare(cfg: RatingsConfig) -> RatingsData:
