@@ -104,3 +104,19 @@ def module_store(model_store: dict) -> Iterator[dict]:
         mlflow.set_tracking_uri(model_store["tracking_uri"])
         yield model_store
     mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="module")
+def fresh_module_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A new sqlite MLflow store of a module's own, as its working directory and tracking URI."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("module_store")
+    previous = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+        yield root
+    mlflow.set_tracking_uri(previous)

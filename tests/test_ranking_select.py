@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -105,16 +104,9 @@ def test_prior_search_scores_the_inner_holdout_for_every_grid_entry():
 
 # ---------------------------------------------------------------- the job
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    root = tmp_path_factory.mktemp("select_store")
-    previous = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-        yield root
-    mlflow.set_tracking_uri(previous)
+def store(fresh_module_store: Path) -> Path:
+    """A module-wide sqlite MLflow store as the working directory and tracking URI."""
+    return fresh_module_store
 
 
 def _cfg(path: Path, **kw: object) -> RatingsConfig:

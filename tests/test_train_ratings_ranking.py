@@ -33,17 +33,9 @@ RANKING_KEYS = ("precision_at_10", "recall_at_10", "ndcg_at_10", "map_at_10", "c
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def store(fresh_module_store: Path) -> Path:
     """A module-wide sqlite MLflow store as the working directory and tracking URI."""
-    root = tmp_path_factory.mktemp("ranking_store")
-    previous = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-        yield root
-    mlflow.set_tracking_uri(previous)
+    return fresh_module_store
 
 
 @pytest.fixture(scope="module")
