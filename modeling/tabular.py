@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from modeling.dropout import SparseDropout
+
 EMB_INIT_STD = 0.01
 
 
@@ -65,7 +67,7 @@ def mlp_blocks(
         if use_bn:
             parts.append(nn.BatchNorm1d(int(n_out)))
         if p > 0:
-            parts.append(nn.Dropout(p))
+            parts.append(SparseDropout(p))
         blocks.append(nn.Sequential(*parts))
         n_in = int(n_out)
     return nn.Sequential(*blocks)
@@ -103,7 +105,7 @@ class TabularModel(nn.Module):
         self.embeds = nn.ModuleList(nn.Embedding(n, d) for n, d in self.emb_szs)
         for emb in self.embeds:
             init_embedding(emb)
-        self.emb_drop = nn.Dropout(self.embed_p)
+        self.emb_drop = SparseDropout(self.embed_p)
         self.bn_cont = nn.BatchNorm1d(self.n_cont) if self.n_cont > 0 and bn_cont else None
         self.layers = mlp_blocks(n_emb + self.n_cont, self.layer_sizes, self.ps, self.use_bn)
         n_last = self.layer_sizes[-1] if self.layer_sizes else n_emb + self.n_cont
@@ -121,7 +123,12 @@ class TabularModel(nn.Module):
                 raise ValueError(f"x_cont must be [n, {self.n_cont}], got {tuple(x_cont.shape)}")
             xc = x_cont.float()
             parts.append(self.bn_cont(xc) if self.bn_cont is not None else xc)
-        x = self.head(self.layers(torch.cat(parts, dim=1)))
+        h = self.layers(torch.cat(parts, dim=1))
+        if torch.is_autocast_enabled(h.device.type):  # bf16 hidden layers, a float32 output layer:
+            with torch.autocast(h.device.type, enabled=False):  # bf16 would round log(Sales) ~9 to 0.03
+                x = self.head(h.float())
+        else:
+            x = self.head(h)
         if self.y_range is not None:
             x = sigmoid_range(x, *self.y_range)
         return x.squeeze(-1) if self.out_sz == 1 else x

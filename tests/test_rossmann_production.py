@@ -279,6 +279,7 @@ def _cli(data: dict, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedP
     (["--batch-size", "1"], "--batch-size"),
     (["--ensemble-kind", "bagging"], "--ensemble-kind"),
     (["--cycle-epochs", "0"], "--cycle-epochs"),
+    (["--precision", "fp16"], "--precision"),
 ])
 def test_bad_options_exit_2_naming_the_option_and_leave_no_run(data, tmp_path, args, option):
     res, db = _cli(data, tmp_path, *args)

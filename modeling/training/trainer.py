@@ -20,7 +20,7 @@ from modeling.training.objectives import Objective
 from modeling.training.optim import make_optimizer, model_groups, resolve_lrs
 from modeling.training.schedules import Schedule, make_schedule
 
-__all__ = ["Trainer", "fit", "mse", "resolve_device", "seed_torch"]
+__all__ = ["PRECISIONS", "Trainer", "bf16_is_fast", "fit", "mse", "resolve_device", "resolve_precision", "seed_torch"]
 
 Metric = Callable[[Tensor, Tensor], float]
 
@@ -40,6 +40,29 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively here: a CUDA GPU with bf16 support, or a CPU with AMX
+    tiles or AVX512-BF16 (elsewhere oneDNN emulates bf16 and it is slower than fp32)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(bool(probe()) for probe in probes if probe is not None)
+
+
+def resolve_precision(precision: str, device: str | torch.device = "auto") -> str:
+    """'auto' -> 'bf16' where `bf16_is_fast`, else 'fp32'; 'fp32' and 'bf16' stay as asked."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    return "bf16" if bf16_is_fast(resolve_device(device)) else "fp32"
 
 
 def seed_torch(seed: int, device: torch.device) -> None:

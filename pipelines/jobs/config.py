@@ -97,6 +97,7 @@ def check_training_options(cfg: TrainingOptions, min_batch_size: int = 1, why: s
 
 LR_HELP = "'auto' (lr finder) or a number."
 ENSEMBLE_KINDS = ("snapshot", "seeds")  # as modeling.training.ensemble (this module imports no torch)
+PRECISIONS = ("auto", "fp32", "bf16")  # modeling.training.trainer.PRECISIONS (this module imports no torch)
 WD_HELP = "AdamW decoupled weight decay."
 SEED_HELP = "Seed for every random choice."
 REGISTER_HELP = "Register as this model name."
@@ -127,6 +128,9 @@ class RossmannConfig:
     cycle_epochs: int | str = opt(AUTO, "snapshot: epochs of each cycle after the first, or 'auto' "
                                         "(half the epochs the step budget asks for, at most half the "
                                         "first cycle's, at least 1; with a given --epochs, half of it).")
+    precision: str = opt("auto", "Training arithmetic: bf16 (bf16 autocast, a float32 output layer and float32 "
+                                 "weights), fp32, or 'auto' (bf16 where the CPU has AMX/AVX512-BF16 or the GPU "
+                                 "supports it, else fp32). Predictions are float32 either way.")
     refit: bool = opt(True, "After the validation run, train the logged model on all rows (train + valid) "
                             "with the same settings; the run keeps the validation run's metrics.")
     layers: tuple[int, ...] = opt((500, 250), "Hidden layer sizes, comma-separated.")
@@ -162,6 +166,8 @@ class RossmannConfig:
             raise DataError(f"--steps (the step budget) must be >= 1, got {self.steps}")
         if self.min_epochs < 1:
             raise DataError(f"--min-epochs must be >= 1, got {self.min_epochs}")
+        if self.precision not in PRECISIONS:
+            raise DataError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.ensemble < 1:
             raise DataError(f"--ensemble must be >= 1 (networks in the ensemble), got {self.ensemble}")
         if self.ensemble_kind not in ENSEMBLE_KINDS:

@@ -45,6 +45,7 @@ from modeling.processor import TabularProcessor
 from modeling.tabular import TabularModel
 from modeling.training import Callback, LRFinderResult, TensorData, distributed
 from modeling.training.ensemble import predict_mean, train_members
+from modeling.training.trainer import resolve_precision
 from pipelines import reports
 from pipelines.features.rossmann import (
     build_feature_pipeline,
@@ -128,10 +129,10 @@ class RossmannJob(TrainingJob[RossmannConfig, PreparedData]):
                 "external": self.cfg.external_dir is not None, **self.requested}
 
     def resolve(self) -> None:
-        self.requested = {f"{k}_requested": getattr(self.cfg, k) for k in ("epochs", "batch_size", "cycle_epochs")}
+        self.requested = {f"{k}_requested": getattr(self.cfg, k) for k in ("epochs", "batch_size", "cycle_epochs", "precision")}
         self.cfg = resolve_options(self.cfg, len(self.data.train))
-        log.info("batch size %d, %d epochs (%d steps an epoch)%s", self.cfg.batch_size, self.cfg.epochs,
-                 math.ceil(len(self.data.train) / self.cfg.batch_size),
+        log.info("batch size %d, %d epochs (%d steps an epoch), %s%s", self.cfg.batch_size, self.cfg.epochs,
+                 math.ceil(len(self.data.train) / self.cfg.batch_size), self.cfg.precision,
                  f", {self.cfg.ensemble} {self.cfg.ensemble_kind} members" if self.cfg.ensemble > 1 else "")
 
     def build_model(self) -> TabularModel:
@@ -159,6 +160,7 @@ class RossmannJob(TrainingJob[RossmannConfig, PreparedData]):
             lambda: build_model(cfg, self.data), train, valid, members=cfg.ensemble, kind=cfg.ensemble_kind,
             epochs=int(cfg.epochs), cycle_epochs=int(cfg.cycle_epochs), seed=cfg.seed,
             trainer_kwargs={"lr": lr, "wd": cfg.wd, "batch_size": int(cfg.batch_size), "quiet": quiet,
+                            "mixed_precision": cfg.precision == "bf16",
                             "metrics": self.epoch_metrics if valid is not None else {}},
             callbacks=lambda i: callbacks if i == 0 else [])
         return Trained(members.networks, members.history, members.seconds,
@@ -313,7 +315,7 @@ def resolve_options(cfg: RossmannConfig, n_train: int) -> RossmannConfig:
     # with --epochs auto the later cycles follow the step budget; with a given --epochs, half of it
     budget = cfg.steps / max(1, math.ceil(n_train / bs)) if cfg.epochs == AUTO else None
     cycle = auto_cycle_epochs(epochs, budget) if cfg.cycle_epochs == AUTO else int(cfg.cycle_epochs)
-    return replace(cfg, batch_size=bs, epochs=epochs, cycle_epochs=cycle)
+    return replace(cfg, batch_size=bs, epochs=epochs, cycle_epochs=cycle, precision=resolve_precision(cfg.precision))
 
 
 def dropouts_for(cfg: RossmannConfig) -> tuple[float, ...]:
