@@ -126,8 +126,7 @@ class RossmannConfig:
     ensemble_kind: str = opt("snapshot", "snapshot: the ends of the cycles of one run with warm restarts; "
                                          "seeds: independent runs from seeds seed, seed+1, ...")
     cycle_epochs: int | str = opt(AUTO, "snapshot: epochs of each cycle after the first, or 'auto' "
-                                        "(half the epochs the step budget asks for, at most half the "
-                                        "first cycle's, at least 1; with a given --epochs, half of it).")
+                                        "(half the first cycle's, at least 1).")
     precision: str = opt("auto", "Training arithmetic: bf16 (bf16 autocast, a float32 output layer and float32 "
                                  "weights), fp32, or 'auto' (bf16 where the CPU has AMX/AVX512-BF16 or the GPU "
                                  "supports it, else fp32). Predictions are float32 either way.")
