@@ -2,9 +2,9 @@
 ensemble members), each member's output, and the small-request variant.
 
 TabularModel networks run through `modeling.fastpath.TabularForward` on every path (batch chunks,
-small requests, members' spread): float32 hidden layers, a float64 head and mean; every call gets
-at least TABULAR_PAD_ROWS rows (a short batch chunk or a small request padded), so a row's answer
-has the same bits whatever came with it. Other networks (the ratings models) run through their
+small requests, members' spread): a projected first layer, float32 hidden layers, a float64 head
+and mean; it pads the inputs of its BLAS products to PAD_ROWS rows itself (a short batch chunk or
+a small request), so a row's answer has the same bits whatever came with it. Other networks (the ratings models) run through their
 modules, every slice under SMALL_BATCH_ROWS padded alike, so a row's float32 output does not
 depend on how many rows came with it either."""
 
@@ -19,7 +19,6 @@ import torch
 from modeling.fastpath import SMALL_BATCH_ROWS, TabularForward
 
 PREDICT_CHUNK = 65_536
-TABULAR_PAD_ROWS = 16  # MKL's float32 kernels for TabularModel shapes give batch bits from 16 rows up
 TABULAR_CHUNK = 8_192  # rows per TabularForward call on the batch path: bounded float64 temporaries
 
 
@@ -48,9 +47,8 @@ def _tabular_chunks(tabular: TabularForward, inputs: Sequence[np.ndarray], membe
     out = np.zeros((len(tabular.models), n) if members else n, dtype=np.float64)
     for start in range(0, n, TABULAR_CHUNK):
         rows = min(TABULAR_CHUNK, n - start)
-        part = [padded_array(a[start : start + rows], TABULAR_PAD_ROWS) for a in (x_cat, x_cont)]
-        got = tabular.members(*part) if members else tabular(*part)
-        out[..., start : start + rows] = got[..., :rows]
+        part = (x_cat[start : start + rows], x_cont[start : start + rows])
+        out[..., start : start + rows] = tabular.members(*part) if members else tabular(*part)
     return out
 
 
@@ -89,8 +87,8 @@ def forward_small(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray
                   cache: dict[str, Any] | None = None) -> np.ndarray:
     """`forward_chunks` for a small batch, as float64 with the batch path's bits, the networks
     prepared once per set of networks and kept in `cache`: TabularModel networks through
-    `TabularForward` padded to TABULAR_PAD_ROWS, others through their modules padded to
-    SMALL_BATCH_ROWS."""
+    `TabularForward` (which pads its products' inputs itself), others through their modules
+    padded to SMALL_BATCH_ROWS."""
     cache = {} if cache is None else cache
     key = tuple(id(m) for m in models)
     if cache.get("key") != key:
@@ -98,7 +96,7 @@ def forward_small(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray
     tabular = cache["forward"]
     n = len(inputs[0])
     if tabular is not None:
-        return tabular(*[padded_array(a, TABULAR_PAD_ROWS) for a in inputs])[:n]
+        return tabular(*inputs)
     with torch.inference_mode():
         parts = [padded_rows(a) for a in inputs]
         acc = models[0](*parts).float()
