@@ -22,10 +22,23 @@ PREDICT_CHUNK = 65_536
 TABULAR_CHUNK = 8_192  # rows per TabularForward call on the batch path: bounded float64 temporaries
 
 
-def forward_chunks(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray]) -> np.ndarray:
+def prepared(models: Sequence[torch.nn.Module], cache: dict[str, Any] | None) -> TabularForward | None:
+    """`TabularForward.prepare(models)`, kept in `cache` (a predictor's, whose networks are fixed
+    once loaded) so that preparing them (the projected tables: tens of ms) happens once per set of
+    networks, not per call; without a cache, prepared for this call only."""
+    if cache is None:
+        return TabularForward.prepare(models)
+    key = tuple(id(m) for m in models)
+    if cache.get("key") != key:
+        cache["key"], cache["forward"] = key, TabularForward.prepare(models)
+    return cache["forward"]
+
+
+def forward_chunks(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray],
+                   cache: dict[str, Any] | None = None) -> np.ndarray:
     """The mean output of `models` over pre-built arrays, in large slices (no per-row Python):
-    float64 for TabularModel networks, else float32."""
-    tabular = TabularForward.prepare(models)
+    float64 for TabularModel networks, else float32. `cache`: see `prepared`."""
+    tabular = prepared(models, cache)
     if tabular is not None:
         return _tabular_chunks(tabular, inputs, members=False)
     n = len(inputs[0])
@@ -66,10 +79,11 @@ def padded_rows(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(padded_array(a))
 
 
-def forward_members(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray]) -> np.ndarray:
+def forward_members(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray],
+                    cache: dict[str, Any] | None = None) -> np.ndarray:
     """Each model's output over pre-built arrays, [len(models), n] (one vectorized pass per model);
-    the mean over axis 0 is `forward_chunks`'s answer."""
-    tabular = TabularForward.prepare(models)
+    the mean over axis 0 is `forward_chunks`'s answer. `cache`: see `prepared`."""
+    tabular = prepared(models, cache)
     if tabular is not None:
         return _tabular_chunks(tabular, inputs, members=True)
     n = len(inputs[0])
@@ -89,11 +103,7 @@ def forward_small(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray
     prepared once per set of networks and kept in `cache`: TabularModel networks through
     `TabularForward` (which pads its products' inputs itself), others through their modules
     padded to SMALL_BATCH_ROWS."""
-    cache = {} if cache is None else cache
-    key = tuple(id(m) for m in models)
-    if cache.get("key") != key:
-        cache["key"], cache["forward"] = key, TabularForward.prepare(models)
-    tabular = cache["forward"]
+    tabular = prepared(models, {} if cache is None else cache)
     n = len(inputs[0])
     if tabular is not None:
         return tabular(*inputs)
