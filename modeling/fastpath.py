@@ -124,6 +124,7 @@ class _Projected:
                 later.append((torch.from_numpy(w.astype(np.float32)), torch.from_numpy(b.astype(np.float32))))
             self.later.append(later)
         self.table = torch.from_numpy(np.ascontiguousarray(np.concatenate(columns, axis=1), dtype=np.float32))
+        self._starts: dict[int, torch.Tensor] = {}
 
     @staticmethod
     def size(models: Sequence[TabularModel]) -> int:
@@ -133,25 +134,36 @@ class _Projected:
 
     def hidden(self, x_cat: np.ndarray, x_cont: np.ndarray) -> list[np.ndarray]:
         """Each member's last hidden layer's float32 activations (before its BatchNorm), [n, width]."""
-        n = len(x_cat)
-        index = np.empty((n, self.n_cat + self.n_cont + 1), dtype=np.int64)
-        weight = np.ones(index.shape, dtype=np.float32)
+        n, k = len(x_cat), self.n_cat + self.n_cont + 1
+        index = np.empty((n, k), dtype=np.int64)
+        weight = np.ones((n, k), dtype=np.float32)
         index[:, : self.n_cat] = x_cat
         index[:, : self.n_cat] += self.offsets
         index[:, self.n_cat : self.n_cat + self.n_cont] = self.cont_rows
         index[:, -1] = self.bias_row
         weight[:, self.n_cat : self.n_cat + self.n_cont] = x_cont
-        first = F.relu(F.embedding_bag(torch.from_numpy(index), self.table, mode="sum",
-                                       per_sample_weights=torch.from_numpy(weight)))
+        # the op behind F.embedding_bag (mode 0: sum), without its wrapper's checks: bag i is
+        # index[i], summed in order with its weights
+        first = torch.embedding_bag(self.table, torch.from_numpy(index.reshape(-1)), self._offsets(n, k),
+                                    False, 0, False, torch.from_numpy(weight.reshape(-1)))[0].relu_()
         if self.later[0]:
             first = padded(first)
         out = []
         for j, later in enumerate(self.later):
             x = first[:, j * self.width : (j + 1) * self.width]
             for w, b in later:
-                x = F.relu(F.linear(x, w, b))
+                x = F.linear(x, w, b).relu_()
             out.append(x[:n].numpy())
         return out
+
+    def _offsets(self, n: int, k: int) -> torch.Tensor:
+        """Bag starts 0, k, 2k, ... (kept for request sizes up to FLAT_GATHER_ROWS)."""
+        if n > FLAT_GATHER_ROWS:
+            return torch.arange(0, n * k, k)
+        cached = self._starts.get(n)
+        if cached is None:
+            cached = self._starts[n] = torch.arange(0, n * k, k)
+        return cached
 
 
 class _Gathered:
@@ -193,6 +205,11 @@ class _Gathered:
             if bn is not None and i < len(self.blocks) - 1:  # the last one is in the head
                 x = _batchnorm(bn, x)
         return x[:n].numpy()
+
+
+def _sigmoid_range(z: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """sigmoid(z) scaled to [low, high], clipped (np.clip's answers; two ufuncs cost less)."""
+    return np.minimum(np.maximum(1.0 / (1.0 + np.exp(-z)) * (high - low) + low, low), high)
 
 
 def _batchnorm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
@@ -238,14 +255,13 @@ class TabularForward:
             z = np.stack([(h * w).sum(axis=1) for h, w in zip(hidden, self.head_weight, strict=True)])
         z += self.head_bias
         if self.ranged.all():
-            return np.clip(1.0 / (1.0 + np.exp(-z)) * (self.high - self.low) + self.low, self.low, self.high)
+            return _sigmoid_range(z, self.low, self.high)
         out = z.copy()
         ranged = np.flatnonzero(self.ranged)
-        lo, hi = self.low[ranged], self.high[ranged]
-        out[ranged] = np.clip(1.0 / (1.0 + np.exp(-z[ranged])) * (hi - lo) + lo, lo, hi)
+        out[ranged] = _sigmoid_range(z[ranged], self.low[ranged], self.high[ranged])
         return out
 
     def __call__(self, x_cat: np.ndarray, x_cont: np.ndarray) -> np.ndarray:
         """The members' mean, [n] float64."""
         out = self.members(x_cat, x_cont)
-        return out[0] if len(out) == 1 else out.mean(axis=0)
+        return out[0] if len(out) == 1 else out.sum(axis=0) / len(out)  # = mean(axis=0), less wrapper
