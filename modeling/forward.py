@@ -2,11 +2,11 @@
 ensemble members), each member's output, and the small-request variant.
 
 TabularModel networks run through `modeling.fastpath.TabularForward` on every path (batch chunks,
-small requests, members' spread): float32 hidden layers, a float64 head and mean; every call gets
-at least TABULAR_PAD_ROWS rows (a short batch chunk or a small request padded), so a row's answer
-has the same bits whatever came with it. Other networks (the ratings models) run through their
-modules, every slice under SMALL_BATCH_ROWS padded alike, so a row's float32 output does not
-depend on how many rows came with it either."""
+small requests, members' spread): a projected first layer, float32 hidden layers, a float64 head
+and mean; it pads the inputs of its BLAS products to PAD_ROWS rows itself (a short batch chunk or
+a small request), so a row's answer has the same bits whatever came with it. Other networks (the
+ratings models) run through their modules, every slice under SMALL_BATCH_ROWS padded alike, so a
+row's float32 output does not depend on how many rows came with it either."""
 
 from __future__ import annotations
 
@@ -19,14 +19,26 @@ import torch
 from modeling.fastpath import SMALL_BATCH_ROWS, TabularForward
 
 PREDICT_CHUNK = 65_536
-TABULAR_PAD_ROWS = 16  # MKL's float32 kernels for TabularModel shapes give batch bits from 16 rows up
 TABULAR_CHUNK = 8_192  # rows per TabularForward call on the batch path: bounded float64 temporaries
 
 
-def forward_chunks(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray]) -> np.ndarray:
+def prepared(models: Sequence[torch.nn.Module], cache: dict[str, Any] | None) -> TabularForward | None:
+    """`TabularForward.prepare(models)`, kept in `cache` (a predictor's, whose networks are fixed
+    once loaded) so that preparing them (the projected tables: tens of ms) happens once per set of
+    networks, not per call; without a cache, prepared for this call only."""
+    if cache is None:
+        return TabularForward.prepare(models)
+    key = tuple(id(m) for m in models)
+    if cache.get("key") != key:
+        cache["key"], cache["forward"] = key, TabularForward.prepare(models)
+    return cache["forward"]
+
+
+def forward_chunks(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray],
+                   cache: dict[str, Any] | None = None) -> np.ndarray:
     """The mean output of `models` over pre-built arrays, in large slices (no per-row Python):
-    float64 for TabularModel networks, else float32."""
-    tabular = TabularForward.prepare(models)
+    float64 for TabularModel networks, else float32. `cache`: see `prepared`."""
+    tabular = prepared(models, cache)
     if tabular is not None:
         return _tabular_chunks(tabular, inputs, members=False)
     n = len(inputs[0])
@@ -48,9 +60,8 @@ def _tabular_chunks(tabular: TabularForward, inputs: Sequence[np.ndarray], membe
     out = np.zeros((len(tabular.models), n) if members else n, dtype=np.float64)
     for start in range(0, n, TABULAR_CHUNK):
         rows = min(TABULAR_CHUNK, n - start)
-        part = [padded_array(a[start : start + rows], TABULAR_PAD_ROWS) for a in (x_cat, x_cont)]
-        got = tabular.members(*part) if members else tabular(*part)
-        out[..., start : start + rows] = got[..., :rows]
+        part = (x_cat[start : start + rows], x_cont[start : start + rows])
+        out[..., start : start + rows] = tabular.members(*part) if members else tabular(*part)
     return out
 
 
@@ -68,10 +79,11 @@ def padded_rows(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(padded_array(a))
 
 
-def forward_members(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray]) -> np.ndarray:
+def forward_members(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray],
+                    cache: dict[str, Any] | None = None) -> np.ndarray:
     """Each model's output over pre-built arrays, [len(models), n] (one vectorized pass per model);
-    the mean over axis 0 is `forward_chunks`'s answer."""
-    tabular = TabularForward.prepare(models)
+    the mean over axis 0 is `forward_chunks`'s answer. `cache`: see `prepared`."""
+    tabular = prepared(models, cache)
     if tabular is not None:
         return _tabular_chunks(tabular, inputs, members=True)
     n = len(inputs[0])
@@ -89,16 +101,12 @@ def forward_small(models: Sequence[torch.nn.Module], inputs: Sequence[np.ndarray
                   cache: dict[str, Any] | None = None) -> np.ndarray:
     """`forward_chunks` for a small batch, as float64 with the batch path's bits, the networks
     prepared once per set of networks and kept in `cache`: TabularModel networks through
-    `TabularForward` padded to TABULAR_PAD_ROWS, others through their modules padded to
-    SMALL_BATCH_ROWS."""
-    cache = {} if cache is None else cache
-    key = tuple(id(m) for m in models)
-    if cache.get("key") != key:
-        cache["key"], cache["forward"] = key, TabularForward.prepare(models)
-    tabular = cache["forward"]
+    `TabularForward` (which pads its products' inputs itself), others through their modules
+    padded to SMALL_BATCH_ROWS."""
+    tabular = prepared(models, {} if cache is None else cache)
     n = len(inputs[0])
     if tabular is not None:
-        return tabular(*[padded_array(a, TABULAR_PAD_ROWS) for a in inputs])[:n]
+        return tabular(*inputs)
     with torch.inference_mode():
         parts = [padded_rows(a) for a in inputs]
         acc = models[0](*parts).float()

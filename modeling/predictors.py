@@ -98,7 +98,7 @@ class TabularPredictor(Predictor):
         self.key_columns: list[str] = list(self.spec.key_columns)
         self.uncertainty: dict[str, Any] = dict(self.spec.uncertainty or {})
         self._forest: Any = None  # ForestArrays, built on the first predict_with_spread
-        self._small: dict[str, Any] = {}  # the small-request forward, prepared on first use
+        self._small: dict[str, Any] = {}  # the networks' forward (every path), prepared on first use
 
     def engineer(self, df: pd.DataFrame, source: str = "request") -> pd.DataFrame:
         """Validate raw rows and compute the engineered features exactly as in training."""
@@ -197,7 +197,7 @@ class TabularPredictor(Predictor):
         fixed = self.fixed_rows(feats)
         if on_features is not None:
             on_features(feats, fixed)
-        outs = forward_members(self.networks, self.processor.transform(feats)).astype(np.float64)
+        outs = forward_members(self.networks, self.processor.transform(feats), self._small).astype(np.float64)
         raw = outs.mean(axis=0)
         pred = np.exp(raw) if self.target_transform == "log" else raw
         spread = outs.std(axis=0)
@@ -296,7 +296,7 @@ class TabularPredictor(Predictor):
         if on_features is not None:
             on_features(feats, fixed)
         x_cat, x_cont = self.processor.transform(feats)
-        raw = forward_chunks(self.networks, (x_cat, x_cont)).astype(np.float64)
+        raw = forward_chunks(self.networks, (x_cat, x_cont), self._small).astype(np.float64)
         pred = np.exp(raw) if self.target_transform == "log" else raw
         pred[fixed] = 0.0
         if forest is None:

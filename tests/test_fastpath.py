@@ -161,13 +161,59 @@ def test_forward_rows_do_not_depend_on_request_size(ross: TabularPredictor) -> N
                 torch.set_num_threads(n_threads)
                 batch = forward_chunks(networks, (x_cat, x_cont))
                 assert np.exp(batch).std() > 5 and np.isfinite(batch).all()  # the rows' answers vary
+                cache: dict[str, Any] = {}  # prepared once per set of networks, as a predictor keeps it
                 for size in (1, 3, 15, 16, 33, 256):
                     cuts = [slice(s, min(s + size, len(x_cat))) for s in range(0, len(x_cat), size)]
-                    small = np.concatenate([forward_small(networks, (x_cat[c], x_cont[c]), {}) for c in cuts])
+                    small = np.concatenate([forward_small(networks, (x_cat[c], x_cont[c]), cache) for c in cuts])
                     np.testing.assert_allclose(np.exp(small), np.exp(batch), rtol=REL, atol=0,
                                                err_msg=f"{size=} {n_threads=}")
                     if n_threads == 1:
                         assert np.array_equal(small, batch), f"{size=}"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_projected_first_layer_agrees_with_the_modules(ross: TabularPredictor,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The projected first layer (tables pushed through the first Linear at load) against the
+    networks' own modules and against the gathered first layer (what tables too big to project
+    and networks without hidden layers take), on real shapes and the bundle's network: the same
+    answers to float32 rounding (the modules' own head is float32: ~1e-6 of Sales); the gathered
+    layer keeps a row's bits whatever the request size too; a network without hidden layers runs."""
+    import torch
+
+    from modeling import fastpath
+    from modeling.forward import forward_chunks, forward_small
+    from modeling.tabular import TabularModel
+
+    rows = random_rossmann(np.random.default_rng(4), 600, horizon(ross))
+    x_cat, x_cont = ross.processor.transform(ross.engineer(records_frame(rows, keep=ross.schema.names)))
+    net = ross.networks[0]
+    bare = TabularModel(net.emb_szs, net.n_cont, layers=(), y_range=net.y_range).eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for networks in (real_shaped_ensemble(ross), ross.networks, [bare]):
+            projected = fastpath.TabularForward(networks)
+            assert (projected.projected is not None) == bool(networks[0].layer_sizes)
+            with monkeypatch.context() as m:
+                m.setattr(fastpath, "PROJECTION_LIMIT", 0)
+                gathered = fastpath.TabularForward(networks)
+                assert gathered.projected is None
+                batch = gathered(x_cat, x_cont)
+                for size in (1, 15, 16, 33):
+                    small = np.concatenate([forward_small(networks, (x_cat[s : s + size], x_cont[s : s + size]),
+                                                          {"key": tuple(map(id, networks)), "forward": gathered})
+                                            for s in range(0, len(x_cat), size)])
+                    assert np.array_equal(small, batch), f"{size=}"
+            with torch.no_grad():
+                modules = np.mean([m(torch.from_numpy(x_cat), torch.from_numpy(x_cont)).double().numpy()
+                                   for m in networks], axis=0)
+            got = forward_chunks(networks, (x_cat, x_cont))
+            np.testing.assert_array_equal(got, projected(x_cat, x_cont))
+            assert np.exp(modules).std() > 5  # the rows' answers vary
+            np.testing.assert_allclose(np.exp(got), np.exp(batch), rtol=1e-5, atol=0)
+            np.testing.assert_allclose(np.exp(got), np.exp(modules), rtol=1e-5, atol=0)
     finally:
         torch.set_num_threads(threads)
 

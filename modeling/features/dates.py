@@ -50,6 +50,7 @@ DATE_ATTRS = ("Year", "Month", "Week", "Day", "Dayofweek", "Dayofyear", "Is_mont
 # part of their range. Dayofweek recurs every week and the Is_* flags are rare 0/1 marks, so
 # those stay comparable between a batch and the training rows (not time-relative).
 CALENDAR_ATTRS = ("Year", "Month", "Week", "Day", "Dayofyear", "Elapsed")
+TABLE_YEARS = (1970, 2100)  # small requests read date parts from a table of these years' days (5 MB)
 
 
 def _date_parts(values: np.ndarray, attrs: Sequence[str]) -> dict[str, np.ndarray]:
@@ -116,9 +117,25 @@ class DateParts(Step):
         if prefix is None:
             prefix = field[:-4] if field.lower().endswith("date") else field + "_"
         self.prefix = prefix
+        self._table: np.ndarray | None = None  # [attrs, days of TABLE_YEARS], built on first small call
 
     def outputs(self) -> list[str]:
         return [self.prefix + a for a in self.attrs]
+
+    def _small(self, dates: np.ndarray) -> dict[str, np.ndarray]:
+        """A request's few dates: their parts read from a table of every day in TABLE_YEARS (one
+        take instead of some forty NumPy calls per request), computed once by `_date_parts`
+        itself, so the values are the same; NaT and days outside the table are computed."""
+        days = dates.astype("datetime64[D]").astype(np.int64)  # NaT reads as the smallest int64
+        first, end = (np.datetime64(f"{y}-01-01", "D").astype(np.int64) for y in TABLE_YEARS)
+        if len(days) == 0 or days.min() < first or days.max() >= end:
+            return _date_parts(dates, self.attrs)
+        if self._table is None:
+            every = np.arange(first, end).astype("datetime64[D]").astype("datetime64[ns]")
+            parts = _date_parts(every, self.attrs)
+            self._table = np.stack([parts[a] for a in self.attrs])
+        rows = self._table[:, days - first]
+        return {a: rows[i] for i, a in enumerate(self.attrs)}
 
     def describe(self, dates: Collection[str] = ()) -> StepInfo:
         return StepInfo(outputs=tuple(self.outputs()), date_columns=(self.field,),
@@ -135,7 +152,7 @@ class DateParts(Step):
             parts = _date_parts(uniq, self.attrs)
             cols = {a: int_or_float(v[take]) if v.dtype.kind == "f" else v[take] for a, v in parts.items()}
         else:
-            cols = _date_parts(dates, self.attrs)
+            cols = self._small(dates)
         return {self.prefix + a: cols[a] for a in self.attrs}
 
     def params(self) -> dict[str, Any]:
@@ -145,6 +162,8 @@ class DateParts(Step):
 # ---------------------------------------------------------------------------- month in a list
 
 
+_FEW_LISTS = 64  # up to this many rows the list values are looked up one by one, no factorize
+_NO_MONTHS = np.zeros(12, dtype=bool)
 MONTH_NAMES = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
 
 
@@ -162,6 +181,7 @@ class MonthInList(Step):
             raise ValueError("MonthInList: month_names must name the 12 months")
         self.list_col, self.date_col, self.out = list_col, date_col, out
         self.month_names, self.sep, self.require = list(month_names), sep, list(require)
+        self._parsed: dict[Any, np.ndarray] = {}  # list value -> its month flags
 
     def describe(self, dates: Collection[str] = ()) -> StepInfo:
         return StepInfo(outputs=(self.out,), date_columns=(self.date_col,),
@@ -169,19 +189,36 @@ class MonthInList(Step):
 
     def new_columns(self, df: pd.DataFrame | Columns) -> dict[str, Any]:
         require(df, [self.list_col, self.date_col, *self.require], self.name)
-        codes, uniques = pd.factorize(df[self.list_col])
-        # one row per distinct list value (+1 all-False row for missing); few distinct values
-        lookup = np.zeros((len(uniques) + 1, 12), dtype=bool)
-        for i, text in enumerate(uniques):
-            parts = {p.strip() for p in str(text).split(self.sep)}
-            lookup[i] = [m in parts for m in self.month_names]
+        lists = df[self.list_col]
         _, month = year_month(datetimes(df[self.date_col], self.date_col, self.name))
         known = ~np.isnan(month)
         month_idx = np.where(known, month, 1).astype(np.int64) - 1
-        flag = lookup[np.where(codes < 0, len(uniques), codes), month_idx] & known
+        if isinstance(lists, np.ndarray) and len(lists) <= _FEW_LISTS:  # a request's few rows
+            rows = np.array([self._months(text) for text in lists.tolist()], dtype=bool).reshape(-1, 12)
+            flag = rows[np.arange(len(rows)), month_idx] & known
+        else:
+            codes, uniques = pd.factorize(lists)
+            # one row per distinct list value (+1 all-False row for missing); few distinct values
+            lookup = np.zeros((len(uniques) + 1, 12), dtype=bool)
+            for i, text in enumerate(uniques):
+                lookup[i] = self._months(text)
+            flag = lookup[np.where(codes < 0, len(uniques), codes), month_idx] & known
         for col in self.require:
             flag &= truthy(df[col])
         return {self.out: flag.astype(np.int64)}
+
+    def _months(self, text: Any) -> np.ndarray:
+        """The 12 month flags of one list value (all False for a missing one), parsed once per
+        distinct value (a step meets few: the join table's lists)."""
+        if text is None or (isinstance(text, float) and np.isnan(text)):
+            return _NO_MONTHS
+        found = self._parsed.get(text) if isinstance(text, str) else None
+        if found is None:
+            parts = {p.strip() for p in str(text).split(self.sep)}
+            found = np.array([m in parts for m in self.month_names], dtype=bool)
+            if isinstance(text, str) and len(self._parsed) < 4096:
+                self._parsed[text] = found
+        return found
 
     def params(self) -> dict[str, Any]:
         return {"list_col": self.list_col, "date_col": self.date_col, "out": self.out,
@@ -227,7 +264,7 @@ class MonthsSince(_Duration):
         month = numbers(df[self.month_col])
         valid = ~np.isnan(year) & (month >= 1) & (month <= 12) & ~np.isnan(date_year)
         months = (date_year - year) * 12 + date_month - month
-        return self._finish(np.nan_to_num(months), valid)
+        return self._finish(months, valid)  # NaN only where not valid, which _finish replaces
 
     def params(self) -> dict[str, Any]:
         return {"year_col": self.year_col, "month_col": self.month_col,

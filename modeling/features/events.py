@@ -89,8 +89,7 @@ class ElapsedEvents(Step):
                              f"day, got {self.repeat}")
         self.window, self.cap = int(window), int(cap)
         self.after_prefix, self.before_prefix = after_prefix, before_prefix
-        self.calendar: pd.DataFrame | None = None
-        self._index: CalendarIndex | None = None
+        self._set_calendar(None)
 
     def outputs(self) -> list[str]:
         return [name for e in self.events for name in (
@@ -108,9 +107,15 @@ class ElapsedEvents(Step):
     # ------------------------------------------------------------------ the calendar
 
     def _set_calendar(self, table: pd.DataFrame | None) -> None:
-        self.calendar = table
-        self._index = None if table is None else CalendarIndex.build(
+        self.calendar: pd.DataFrame | None = table
+        self._index: CalendarIndex | None = None if table is None else CalendarIndex.build(
             table, self.group, self.date, self.events, self.repeat, reach=2 * self.cap + self.window)
+        self._stacked: np.ndarray | None = None  # every event's keys, event i's block + (i << EVENT_SHIFT)
+        if self._index is not None and len(self.events) < 128:
+            blocks = [self._index.events[e] for e in self.events]
+            if all(len(b) == 0 or b.max() < EVENT_BIT for b in blocks):
+                self._stacked = np.concatenate([b.astype(np.int64) + (np.int64(i) << EVENT_SHIFT)
+                                                for i, b in enumerate(blocks)])
 
     def _require_fitted(self) -> CalendarIndex:
         if self._index is None:
@@ -166,6 +171,16 @@ class ElapsedEvents(Step):
         group, days, flags = self._inputs(df)
         q = keys(index.codes(group), days)
         cols: dict[str, np.ndarray] = {}
+        if len(q) <= STACKED_ROWS and self._stacked is not None and (len(q) == 0 or q.max() < EVENT_BIT):
+            # a request's few rows: every event in one pass over the stacked calendars (the
+            # same searches on the same keys, each event's block marked by its high bits)
+            e_off = (np.arange(len(self.events), dtype=np.int64) << EVENT_SHIFT)[:, None]
+            own = np.stack([flags[e] for e in self.events])
+            parts = [p.reshape(len(self.events), -1) for p in self._distances(self._stacked, q[None, :] + e_off, own)]
+            for i, e in enumerate(self.events):
+                cols[self.after_prefix + e], cols[self.before_prefix + e] = parts[0][i], parts[1][i]
+                cols[f"{e}_bw"], cols[f"{e}_fw"] = parts[2][i], parts[3][i]
+            return cols
         for e in self.events:
             since, until, bw, fw = self._distances(index.events[e], q, flags[e])
             cols[self.after_prefix + e] = since
@@ -213,6 +228,14 @@ class ElapsedEvents(Step):
         if "history" in tables and "calendar" not in tables:
             raise DataError(OLD_BUNDLE)
         self._set_calendar(tables.get("calendar"))
+
+
+# stacked calendars for small requests: event i's keys get i << EVENT_SHIFT, above every
+# (group code, day) key (keys below EVENT_BIT: group codes under 2**24), so one sorted array
+# holds all events and a key's group comparison also tells the events apart
+EVENT_SHIFT = np.int64(56)
+EVENT_BIT = np.int64(1) << EVENT_SHIFT
+STACKED_ROWS = 64
 
 
 def _clip(x: np.ndarray, cap: int) -> np.ndarray:

@@ -185,11 +185,12 @@ class JoinTable(Step):
         pos = self._positions(df, keys)
         found = pos >= 0
         take = np.where(found, pos, 0)
+        all_found = bool(found.all())
         cols = {}
         for c, out in zip(self.columns, self.outputs(df.columns), strict=True):
             values = arrays[c]
             taken = values[take] if len(values) else np.full(len(df), np.nan)
-            if not found.all():
+            if not all_found:
                 if taken.dtype.kind in "fO":
                     taken[~found] = np.nan  # `taken` is a fresh copy (fancy indexing)
                 else:
