@@ -96,10 +96,11 @@ def score_forecast(model_uri: str, test_csv: Path, actual: object, tmp: Path) ->
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
     if done.returncode != 0:
         raise SystemExit(f"tabrec score failed ({done.returncode}): {done.stderr[-2000:]}")
-    pred = pd.read_parquet(out).merge(actual, on="Id")
-    keep = (pred["Open"] == 1) & (pred["Sales_y"] > 0)
-    return {"forecast_rmspe": rmspe(pred.loc[keep, "Sales_y"].to_numpy(np.float64),
-                                    pred.loc[keep, "Sales_x"].to_numpy(np.float64)),
+    # `tabrec score` writes the key columns and `prediction`; `actual` has Id, Open and Sales
+    pred = pd.read_parquet(out)[["Id", "prediction"]].merge(actual, on="Id", validate="one_to_one")
+    keep = (pred["Open"] == 1) & (pred["Sales"] > 0)
+    return {"forecast_rmspe": rmspe(pred.loc[keep, "Sales"].to_numpy(np.float64),
+                                    pred.loc[keep, "prediction"].to_numpy(np.float64)),
             "forecast_rows": int(keep.sum()), "forecast_calendar": calendar,
             "score_seconds": time.perf_counter() - t0}
 

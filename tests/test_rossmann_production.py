@@ -115,7 +115,8 @@ def test_refit_logs_refit_weights_and_keeps_the_validation_metrics(runs):
                          torch.cat([d.train.y, d.valid.y]))
     again = train_members(lambda: build_model(cfg, d), both, None, members=1, kind="snapshot", epochs=cfg.epochs,
                           cycle_epochs=1, seed=cfg.seed,
-                          trainer_kwargs={"lr": 3e-3, "wd": cfg.wd, "batch_size": cfg.batch_size, "quiet": True})
+                          trainer_kwargs={"lr": 3e-3, "wd": cfg.wd, "batch_size": cfg.batch_size, "quiet": True,
+                                          "mixed_precision": cfg.precision == "bf16"})
     for k, v in _state(again.networks[0]).items():
         torch.testing.assert_close(a.state_dict()[k], v, rtol=1e-5, atol=1e-6)
 

@@ -33,10 +33,10 @@ class EmbLinear(nn.Module):
         self.body = nn.Sequential(nn.Linear(4 + N_CONT, 32), nn.ReLU(), nn.BatchNorm1d(32))
         self.drop = nn.Dropout(p)
         self.head = nn.Linear(32, 1)
-        self.seen_autocast: list[bool] = []
+        self.seen_autocast: list[tuple[bool, bool]] = []  # (training, autocast) per forward
 
     def forward(self, cat: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
-        self.seen_autocast.append(torch.is_autocast_enabled("cpu"))
+        self.seen_autocast.append((self.training, torch.is_autocast_enabled("cpu")))
         h = self.body(torch.cat([self.emb(cat), cont], dim=1))
         return self.head(self.drop(h)).squeeze(-1)
 
@@ -365,7 +365,10 @@ def test_mixed_precision_runs_on_cpu():
         model, train, valid, epochs=4, lr=1e-2, batch_size=100, mixed_precision=True,
         device="cpu", quiet=True,
     )  # fmt: skip
-    assert any(model.seen_autocast) and all(model.seen_autocast)
+    # training steps run in bf16 autocast; evaluation in float32, as the logged model serves
+    assert all(auto for training, auto in model.seen_autocast if training)
+    assert not any(auto for training, auto in model.seen_autocast if not training)
+    assert any(not training for training, _ in model.seen_autocast)
     losses = history.series("valid_loss")
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.5 * losses[0]

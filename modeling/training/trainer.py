@@ -277,12 +277,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ inference
     def _predict_device(self, xs: Sequence[Tensor], batch_size: int | None = None) -> Tensor:
-        """Predictions for all rows, concatenated on the trainer's device (eval mode, no grad)."""
+        """Predictions for all rows, concatenated on the trainer's device (eval mode, no grad). In
+        float32 even when training runs in bf16: per-epoch metrics are then those of the weights as
+        the logged model serves them."""
         bs = batch_size or max(self.batch_size, 4096)
         n = xs[0].shape[0]
         self.model.eval()
         outs = []
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad():
             for start in range(0, n, bs):
                 batch = (x[start : start + bs].to(self.device, non_blocking=True) for x in xs)
                 outs.append(self.model(*batch).float())
