@@ -88,6 +88,15 @@ def padded(x: torch.Tensor, rows: int = PAD_ROWS) -> torch.Tensor:
     return torch.cat([x, x[:1].expand(rows - len(x), -1)])
 
 
+def padded_array(a: np.ndarray, rows: int = SMALL_BATCH_ROWS) -> np.ndarray:
+    """A slice of at least `rows` rows (the first row repeated): below that BLAS picks other
+    kernels and a row's float32 output would depend on how many rows came with it (a short last
+    chunk, a small request); the padding rows' outputs are dropped."""
+    if len(a) < rows:
+        a = np.concatenate([a, np.repeat(a[:1], rows - len(a), axis=0)])
+    return np.ascontiguousarray(a)
+
+
 class _Projected:
     """All members' first layer as one table of projected embedding rows (see the module
     docstring), then each member's later Linear layers with the previous BatchNorm folded in."""
@@ -188,7 +197,7 @@ class _Gathered:
         """The last hidden layer's float32 activations (before its BatchNorm), [n, width]."""
         m, n = self.model, len(x_cat)
         if self.blocks and n < PAD_ROWS:
-            x_cat, x_cont = (np.concatenate([a, np.repeat(a[:1], PAD_ROWS - n, axis=0)]) for a in (x_cat, x_cont))
+            x_cat, x_cont = padded_array(x_cat, PAD_ROWS), padded_array(x_cont, PAD_ROWS)
         parts = []
         if self.tables:
             if len(x_cat) <= FLAT_GATHER_ROWS:

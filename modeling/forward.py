@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from modeling.fastpath import SMALL_BATCH_ROWS, TabularForward
+from modeling.fastpath import TabularForward, padded_array
 
 PREDICT_CHUNK = 65_536
 TABULAR_CHUNK = 8_192  # rows per TabularForward call on the batch path: bounded float64 temporaries
@@ -63,15 +63,6 @@ def _tabular_chunks(tabular: TabularForward, inputs: Sequence[np.ndarray], membe
         part = (x_cat[start : start + rows], x_cont[start : start + rows])
         out[..., start : start + rows] = tabular.members(*part) if members else tabular(*part)
     return out
-
-
-def padded_array(a: np.ndarray, rows: int = SMALL_BATCH_ROWS) -> np.ndarray:
-    """A slice of at least `rows` rows (the first row repeated): below that BLAS picks other
-    kernels and a row's float32 output would depend on how many rows came with it (a short last
-    chunk, a small request); the padding rows' outputs are dropped."""
-    if len(a) < rows:
-        a = np.concatenate([a, np.repeat(a[:1], rows - len(a), axis=0)])
-    return np.ascontiguousarray(a)
 
 
 def padded_rows(a: np.ndarray) -> torch.Tensor:
