@@ -30,12 +30,14 @@ study the network only: their forest figures are then not the baseline's).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -77,6 +79,50 @@ def cut_files(train_csv: Path, cut: str, out: Path) -> tuple[Path, Path, object]
     future.insert(0, "Id", range(1, len(future) + 1))
     future[TEST_COLUMNS].to_csv(out / "test.csv", index=False)
     return out / "train.csv", out / "test.csv", future[["Id", "Open", "Sales"]]
+
+
+class TreeMemory:
+    """Samples, twice a second, the proportional set size (Pss: shared pages split between the
+    processes that map them) of this process plus its children, e.g. the refit worker training
+    beside the validation run; `peak_mb` is the largest sum seen, the memory the run needed at once."""
+
+    def __init__(self) -> None:
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _pss_kb(pid: int) -> int:
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            return 0
+        return next((int(line.split()[1]) for line in text.splitlines() if line.startswith("Pss:")), 0)
+
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        out: list[int] = []
+        for task in Path(f"/proc/{pid}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                out += [int(c) for c in task.read_text().split()]
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            pids, todo = [], [os.getpid()]
+            while todo:
+                pid = todo.pop()
+                pids.append(pid)
+                todo += self._children(pid)
+            self.peak_mb = max(self.peak_mb, sum(self._pss_kb(p) for p in pids) / 1024)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def score_forecast(model_uri: str, test_csv: Path, actual: object, tmp: Path) -> dict[str, object]:
@@ -152,7 +198,8 @@ def main() -> None:
         cwd = Path.cwd()
         os.chdir(tmp)
         try:
-            res = train_rossmann(cfg)
+            with TreeMemory() as tree:
+                res = train_rossmann(cfg)
             # the trained network and the row count come from the run itself (no second prepare)
             flops_row = train_flops_per_row(load_predictor(res["model_uri"]).model)
             n_train = int(MlflowClient().get_run(res["run_id"]).data.params["n_train"])
@@ -185,6 +232,9 @@ def main() -> None:
         "matmul_gflops": gflops, "train_mflop_per_row": flops_row / 1e6, "floor_seconds_per_epoch": floor,
         "epoch_vs_floor": m["seconds_per_epoch"] / floor,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # the largest child's peak: the refit worker beside the validation run (and, with --cut, `tabrec score`)
+        "peak_rss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "peak_pss_tree_mb": tree.peak_mb,
         "load_avg_before": [round(x, 2) for x in load_before], "load_avg_after": [round(x, 2) for x in os.getloadavg()],
         "torch_threads": torch.get_num_threads(), "cores": os.cpu_count(),
     }))

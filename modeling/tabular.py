@@ -174,3 +174,13 @@ class TabularModel(nn.Module):
         body = list(self.bn_cont.parameters()) if self.bn_cont is not None else []
         body += list(self.layers.parameters())
         return [list(self.embeds.parameters()), body, list(self.head.parameters())]
+
+
+def new_tabular_model(emb_szs: Sequence[tuple[int, int]], n_cont: int, layers: Sequence[int], ps: Sequence[float],
+                      embed_p: float, y_range: tuple[float, float] | None, target_mean: float) -> TabularModel:
+    """A freshly initialised TabularModel (draws from the global torch generator) with its output
+    started at `target_mean`: a module-level builder that `functools.partial` can bind, so a worker
+    process can build the same network (`modeling.training.background`)."""
+    model = TabularModel(emb_szs, n_cont, layers=layers, ps=ps, embed_p=embed_p, y_range=y_range)
+    model.init_output_bias(target_mean)
+    return model

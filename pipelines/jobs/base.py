@@ -18,7 +18,10 @@
 5b. refit: when `job.refit_rows()` gives rows (train + valid), the same `fit_networks` again on
    them, from the same seed, with the same lr and settings and no validation set (its history
    as `refit/epoch/...`); the refit's networks are the ones logged, the validation run's are
-   the ones measured;
+   the ones measured. When the job gives a `refit_task` (a picklable form of the same training)
+   and the CPU has two threads or more, the refit trains in a worker process *beside* the
+   validation run, each with half of the threads (`modeling.training.background`); on a GPU,
+   under torchrun, or with one thread it runs after it;
 6. `job.evaluate(fit)` (the model's metrics), `job.checks(fit)` (forest checks: metrics, a JSON
    report, plots), log them; learning curves, `job.plots(fit)` and `job.analysis(fit, checks, metrics)`
    (the analyst's plots and tables: partial dependence, error breakdowns);
@@ -44,7 +47,7 @@ import logging
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
@@ -65,7 +68,9 @@ from modeling.training import (
     distributed,
     lr_find,
 )
+from modeling.training.background import BackgroundFit, split_threads
 from modeling.training.ensemble import predict_mean
+from modeling.training.trainer import resolve_device
 from pipelines import reports, run_notes, tracking
 from pipelines.datasets import DataInput
 from pipelines.jobs.config import TrainingOptions
@@ -93,6 +98,18 @@ class Trained:
 
 
 @dataclass
+class RefitTask:
+    """The refit as a worker process can run it: `fn(*args, report=...)` with a module-level `fn`
+    and picklable `args` (tensors travel through shared memory); `finish` turns its return value
+    into the `Trained` that `fit_networks` would have given."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    rows: int
+    finish: Callable[[Any], Trained]
+
+
+@dataclass
 class Fitted:
     """A trained model and what the later stages need of its training.
 
@@ -110,6 +127,7 @@ class Fitted:
     networks: list[nn.Module] = field(default_factory=list)  # validation run's networks (default: [model])
     refit: Trained | None = None
     info: dict[str, Any] = field(default_factory=dict)  # the validation run's `Trained.info`
+    wall_seconds: float = 0.0  # wall time of the validation run and the refit (side by side or one after the other)
 
     def __post_init__(self) -> None:
         if not self.networks:
@@ -230,6 +248,11 @@ class TrainingJob(ABC, Generic[ConfigT, DataT]):
         """All rows (train + valid) for a refit after the validation run, or None: no refit (default)."""
         return None
 
+    def refit_task(self, lr: float) -> RefitTask | None:
+        """The refit (`refit_rows`, same settings as `fit_networks`) as a task a worker process can
+        run beside the validation run, or None: the refit runs after it, in this process (default)."""
+        return None
+
     def objective(self) -> Objective | None:
         """A loss that needs the model and the batch (a ranking loss) for the main fit, or None
         for the Trainer's default loss on (prediction, target)."""
@@ -293,21 +316,31 @@ def run_job(job: TrainingJob[Any, Any]) -> dict[str, Any] | None:
         lr, lr_plot = _resolve_lr(job, model, tmp, rank0)
         log.info("training %s on %d rows (%d valid), lr %.3g, batch %s, %s epochs", type(model).__name__,
                  len(data.train), len(data.valid), lr, cfg.batch_size, cfg.epochs)
-        trained = job.fit_networks(model, lr, data.train, data.valid,
-                                   [tracking.MLflowEpochLogger()] if rank0 else [])
-        refit = _refit(job, lr, rank0)
-        train_seconds = trained.seconds + (refit.seconds if refit is not None else 0.0)
-        train_seconds += job.train_heads((refit or trained).networks[0])
+        t_fit = time.perf_counter()
+        background = _start_background_refit(job, lr, rank0)
+        try:
+            with _torch_threads(background.main_threads if background else None):
+                trained = job.fit_networks(model, lr, data.train, data.valid,
+                                           [tracking.MLflowEpochLogger()] if rank0 else [])
+            refit = background.finish() if background else _refit(job, lr, rank0)
+        finally:
+            if background:
+                background.cancel()
+        wall_seconds = time.perf_counter() - t_fit
+        train_seconds = wall_seconds + job.train_heads((refit or trained).networks[0])
         if not rank0:
             return None
         valid_pred = predict_mean(trained.networks, data.valid.xs).numpy() if job.objective() is None else None
         fit = Fitted(trained.networks[0], trained.history, lr, trained.seconds, valid_pred, tmp,
-                     networks=trained.networks, refit=refit, info=trained.info)
+                     networks=trained.networks, refit=refit, info=trained.info, wall_seconds=wall_seconds)
         metrics = job.evaluate(fit)
         if refit is not None:
             metrics["refit_seconds"] = refit.seconds
+            if "worker_peak_rss_mb" in refit.info:  # the refit trained in a worker beside the validation run
+                metrics["refit_worker_peak_rss_mb"] = float(refit.info["worker_peak_rss_mb"])
             # the logged weights are the refit's; every valid_* metric is the validation run's
-            tracking.log_params({"logged_weights": "refit", "refit_rows": refit.info["rows"]})
+            tracking.log_params({"logged_weights": "refit", "refit_rows": refit.info["rows"],
+                                 "refit_mode": refit.info.get("mode", "after the validation run")})
         log.info("valid %s %.4f after %.0f s; running the checks", job.target_metric, metrics[job.target_metric],
                  train_seconds)
         checks = job.checks(fit)
@@ -364,6 +397,68 @@ def _refit(job: TrainingJob[Any, Any], lr: float, rank0: bool) -> Trained | None
     trained = job.fit_networks(job.build_model(), lr, rows, None, [tracking.MLflowEpochLogger(prefix="refit/")] if rank0 else [])
     trained.info["rows"] = len(rows)
     return trained
+
+
+class _BackgroundRefit:
+    """The refit training in a worker process while this process trains the validation run."""
+
+    def __init__(self, task: RefitTask, threads: tuple[int, int], quiet: bool) -> None:
+        self.task, self.main_threads, self.worker_threads = task, threads[0], threads[1]
+        self.epochs: list[dict[str, Any]] = []
+        self.quiet = quiet
+        self.fit = BackgroundFit(task.fn, task.args, threads=self.worker_threads, name="refit worker",
+                                 on_progress=self._progress)
+
+    def _progress(self, message: tuple[Any, ...]) -> None:
+        kind, fit_index, epoch, epochs, logs = message
+        if kind != "epoch" or fit_index != 0:
+            return
+        self.epochs.append(logs)
+        if not self.quiet:
+            log.info("refit (beside the validation run): epoch %d/%d train_loss=%.4g in %.0f s",
+                     epoch + 1, epochs, logs.get("train_loss", float("nan")), logs.get("seconds", float("nan")))
+
+    def finish(self) -> Trained:
+        if not self.quiet:
+            log.info("validation run done; waiting for the refit worker")
+        trained = self.task.finish(self.fit.result())
+        for epoch, logs in enumerate(self.epochs):
+            tracking.MLflowEpochLogger(prefix="refit/").on_epoch_end(None, epoch, logs)
+        trained.info.update(rows=self.task.rows, mode=f"beside the validation run ({self.worker_threads} + "
+                                                      f"{self.main_threads} torch threads)")
+        return trained
+
+    def cancel(self) -> None:
+        self.fit.cancel()
+
+
+def _start_background_refit(job: TrainingJob[Any, Any], lr: float, rank0: bool) -> _BackgroundRefit | None:
+    """Start the refit beside the validation run when the job offers a task and the CPU has the
+    threads for two trainings (not on a GPU, not under torchrun); None: refit afterwards."""
+    if not rank0 or distributed.current().initialized or resolve_device("auto").type != "cpu":
+        return None
+    threads = split_threads(torch.get_num_threads())
+    task = job.refit_task(lr) if threads else None
+    if task is None or threads is None:
+        return None
+    log.info("refit on all %d rows (train + valid) in a worker beside the validation run, lr %.3g, "
+             "%d + %d torch threads", task.rows, lr, threads[0], threads[1])
+    torch.manual_seed(job.cfg.seed)  # as `_refit` would: the worker seeds its own generators
+    return _BackgroundRefit(task, threads, quiet=bool(getattr(job.cfg, "quiet", False)))
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` inside the block (unchanged for None)."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _resolve_lr(job: TrainingJob[Any, Any], model: nn.Module, tmp: Path, rank0: bool) -> tuple[float, Path | None]:

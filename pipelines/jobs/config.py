@@ -132,6 +132,8 @@ class RossmannConfig:
                                  "supports it, else fp32). Predictions are float32 either way.")
     refit: bool = opt(True, "After the validation run, train the logged model on all rows (train + valid) "
                             "with the same settings; the run keeps the validation run's metrics.")
+    parallel_refit: bool = opt(True, "Train the refit in a worker process beside the validation run, each with "
+                                     "half of the CPU threads (CPU only, two threads or more); off: after it.")
     layers: tuple[int, ...] = opt((500, 250), "Hidden layer sizes, comma-separated.")
     ps: tuple[float, ...] = (0.001, 0.01)
     embed_p: float = 0.04

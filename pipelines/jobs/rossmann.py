@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,10 @@ from modeling.forest import (
 )
 from modeling.metrics import exp_rmspe, rmspe
 from modeling.processor import TabularProcessor
-from modeling.tabular import TabularModel
+from modeling.tabular import TabularModel, new_tabular_model
 from modeling.training import Callback, LRFinderResult, TensorData, distributed
-from modeling.training.ensemble import predict_mean, train_members
+from modeling.training.background import train_members_worker
+from modeling.training.ensemble import Members, predict_mean, train_members
 from modeling.training.trainer import resolve_precision
 from pipelines import reports
 from pipelines.features.rossmann import (
@@ -67,6 +69,7 @@ from pipelines.jobs.base import (
     BundleParts,
     Checks,
     Fitted,
+    RefitTask,
     Trained,
     TrainingJob,
     run_job,
@@ -150,22 +153,32 @@ class RossmannJob(TrainingJob[RossmannConfig, PreparedData]):
     def epoch_metrics(self) -> dict[str, Any]:
         return {"rmspe": rmspe_metric}
 
+    def member_options(self, lr: float, valid: TensorData | None, quiet: bool) -> dict[str, Any]:
+        """`train_members`' settings (picklable: a refit worker gets them too)."""
+        cfg = self.cfg
+        return dict(members=cfg.ensemble, kind=cfg.ensemble_kind, epochs=int(cfg.epochs),
+                    cycle_epochs=int(cfg.cycle_epochs), seed=cfg.seed,
+                    trainer_kwargs={"lr": lr, "wd": cfg.wd, "batch_size": int(cfg.batch_size), "quiet": quiet,
+                                    "mixed_precision": cfg.precision == "bf16",
+                                    "metrics": self.epoch_metrics if valid is not None else {}})
+
     def fit_networks(self, model: nn.Module, lr: float, train: TensorData, valid: TensorData | None,
                      callbacks: list[Callback]) -> Trained:
         """The model and its ensemble members (`train_members`), each kept at the end of its schedule:
         nothing is chosen on the validation rows."""
-        cfg = self.cfg
-        quiet = cfg.quiet or not distributed.current().is_main
-        members = train_members(
-            lambda: build_model(cfg, self.data), train, valid, members=cfg.ensemble, kind=cfg.ensemble_kind,
-            epochs=int(cfg.epochs), cycle_epochs=int(cfg.cycle_epochs), seed=cfg.seed,
-            trainer_kwargs={"lr": lr, "wd": cfg.wd, "batch_size": int(cfg.batch_size), "quiet": quiet,
-                            "mixed_precision": cfg.precision == "bf16",
-                            "metrics": self.epoch_metrics if valid is not None else {}},
-            callbacks=lambda i: callbacks if i == 0 else [])
-        return Trained(members.networks, members.history, members.seconds,
-                       {"member_seconds": members.member_seconds, "member_epochs": members.member_epochs,
-                        "epochs_trained": members.epochs_trained})
+        quiet = self.cfg.quiet or not distributed.current().is_main
+        members = train_members(model_builder(self.cfg, self.data), train, valid,
+                                callbacks=lambda i: callbacks if i == 0 else [],
+                                **self.member_options(lr, valid, quiet))
+        return trained_from(members)
+
+    def refit_task(self, lr: float) -> RefitTask | None:
+        """The refit as a worker's task (`train_members_worker`), when `--parallel-refit` is on."""
+        rows = self.refit_rows()
+        if rows is None or not self.cfg.parallel_refit:
+            return None
+        args = (model_builder(self.cfg, self.data), rows, self.member_options(lr, None, quiet=True))
+        return RefitTask(train_members_worker, args, len(rows), trained_from)
 
     def refit_rows(self) -> TensorData | None:
         if not self.cfg.refit:
@@ -184,7 +197,8 @@ class RossmannJob(TrainingJob[RossmannConfig, PreparedData]):
         epochs_trained = len(fit.history) * (len(fit.networks) if self.cfg.ensemble_kind == "seeds" else 1)
         metrics = {"valid_rmspe": log_rmspe(y, fit.valid_pred),
                    "valid_rmspe_best_epoch_selected_on_valid": min(per_epoch) if per_epoch else float("nan"),
-                   "train_seconds": fit.train_seconds + refit_seconds, "valid_run_seconds": fit.train_seconds,
+                   "train_seconds": fit.wall_seconds or fit.train_seconds + refit_seconds,
+                   "valid_run_seconds": fit.train_seconds,
                    "seconds_per_epoch": fit.train_seconds / max(1, epochs_trained), "lr": fit.lr,
                    "ensemble_members": float(len(fit.networks)),
                    "epochs": float(self.cfg.epochs), "batch_size": float(self.cfg.batch_size)}
@@ -325,12 +339,22 @@ def dropouts_for(cfg: RossmannConfig) -> tuple[float, ...]:
 
 
 def build_model(cfg: RossmannConfig, data: PreparedData) -> TabularModel:
-    y_max = float(data.train.y.max())
+    return model_builder(cfg, data)()
+
+
+def model_builder(cfg: RossmannConfig, data: PreparedData) -> partial[TabularModel]:
+    """A picklable zero-argument builder of the network (a refit worker builds it too): y_range up
+    to 1.1 x the largest training target, output bias at the training mean."""
     emb_szs = get_emb_szs(data.processor.cardinalities, cfg.emb_overrides or None)
-    model = TabularModel(emb_szs, len(data.processor.cont_names), layers=cfg.layers, ps=dropouts_for(cfg),
-                         embed_p=cfg.embed_p, y_range=(0.0, y_max * 1.1))
-    model.init_output_bias(float(data.train.y.mean()))
-    return model
+    return partial(new_tabular_model, emb_szs, len(data.processor.cont_names), tuple(cfg.layers), dropouts_for(cfg),
+                   cfg.embed_p, (0.0, float(data.train.y.max()) * 1.1), float(data.train.y.mean()))
+
+
+def trained_from(members: Members) -> Trained:
+    """`fit_networks`' result from `train_members`' (in this process or a refit worker)."""
+    return Trained(members.networks, members.history, members.seconds,
+                   {"member_seconds": members.member_seconds, "member_epochs": members.member_epochs,
+                    "epochs_trained": members.epochs_trained, **members.info})
 
 
 def find_lr(cfg: RossmannConfig, data: PreparedData) -> LRFinderResult:
