@@ -4,7 +4,11 @@ results, progress, the worker's errors and deaths, cancelling, and the thread sp
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +111,37 @@ def test_members_trained_in_a_worker_equal_members_trained_here():
             torch.testing.assert_close(a.state_dict()[k], v, rtol=0, atol=0)
     assert [m[2] for m in seen] == [0, 1, 2] and all(m[0] == "epoch" and m[3] == 3 for m in seen)
     assert there.info["worker_threads"] == 1 and there.info["worker_pid"] != os.getpid()
+
+
+def test_the_worker_ends_when_its_parent_is_killed():
+    """A parent killed with SIGKILL runs no cleanup; its worker must not train on as an orphan."""
+    script = (
+        "import sys, time\n"
+        "from modeling.training.background import BackgroundFit\n"
+        "from tests.test_background import _sleeps\n"
+        "fit = BackgroundFit(_sleeps, (600.0,), threads=1)\n"
+        "print(fit.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        worker = int(parent.stdout.readline())
+        assert _alive(worker)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(worker), "the worker outlived its killed parent"
+    finally:
+        parent.kill()
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

@@ -23,6 +23,7 @@ import multiprocessing as mp
 import os
 import resource
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -54,7 +55,17 @@ def split_threads(threads: int) -> tuple[int, int] | None:
     return threads - worker, worker
 
 
-def _child(conn: Any, fn: Callable[..., Any], args: Sequence[Any], threads: int) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """Ends this worker when its parent is gone (killed with SIGKILL, say): daemon processes are
+    stopped only by a parent that exits normally, and an orphan would train on for minutes."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def _child(conn: Any, fn: Callable[..., Any], args: Sequence[Any], threads: int, parent: int) -> None:
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="parent watch", daemon=True).start()
     torch.set_num_threads(threads)
 
     def report(message: tuple[Any, ...]) -> None:
@@ -85,7 +96,8 @@ class BackgroundFit:
         ctx = mp.get_context("spawn")
         self.name = name
         recv, send = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(target=_child, args=(send, fn, tuple(args), threads), name=name, daemon=True)
+        self._process = ctx.Process(target=_child, args=(send, fn, tuple(args), threads, os.getpid()), name=name,
+                                    daemon=True)
         self._process.start()
         send.close()  # the parent keeps only its reading end: EOF when the worker is gone
         self._recv = recv
