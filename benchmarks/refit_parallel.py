@@ -27,16 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.train_step import CARDS, LAYERS, N_CONT  # noqa: E402
-from modeling.tabular import TabularModel  # noqa: E402
+from benchmarks.train_step import CARDS, N_CONT, build  # noqa: E402
 from modeling.training import TensorData  # noqa: E402
 from modeling.training.background import BackgroundFit, split_threads, train_members_worker  # noqa: E402
 from modeling.training.ensemble import train_members  # noqa: E402
 from modeling.training.trainer import resolve_precision  # noqa: E402
-
-
-def new_model() -> TabularModel:
-    return TabularModel([(c, min(50, (c + 1) // 2)) for c in CARDS], N_CONT, layers=LAYERS, y_range=(0.0, 12.0))
 
 
 def data(rows: int) -> tuple[TensorData, TensorData, TensorData]:
@@ -64,20 +59,20 @@ def main() -> None:
     options = dict(members=1, kind="snapshot", epochs=args.epochs, cycle_epochs=1, seed=0,
                    trainer_kwargs={"lr": 3e-3, "wd": 0.2, "batch_size": 512, "quiet": True,
                                    "mixed_precision": precision == "bf16"})
-    build = partial(new_model)
+    new_model = partial(build, True)  # train_step's network with SparseDropout, picklable for the worker
 
     def sequential() -> float:
         t0 = time.perf_counter()
-        train_members(build, train, valid, **options)
-        train_members(build, both, None, **options)
+        train_members(new_model, train, valid, **options)
+        train_members(new_model, both, None, **options)
         return time.perf_counter() - t0
 
     def side_by_side() -> float:
         t0 = time.perf_counter()
-        worker = BackgroundFit(train_members_worker, (build, both, options), threads=split[1])
+        worker = BackgroundFit(train_members_worker, (new_model, both, options), threads=split[1])
         torch.set_num_threads(split[0])
         try:
-            train_members(build, train, valid, **options)
+            train_members(new_model, train, valid, **options)
         finally:
             torch.set_num_threads(threads)
         worker.result()
