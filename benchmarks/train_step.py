@@ -1,11 +1,16 @@
 """Seconds per training step of the default Rossmann network: before (nn.Dropout, float32) against
 SparseDropout in float32 and in bf16 autocast; prints one JSON line.
 
+`composed_fp32` is SparseDropout as it was written before its autograd function (a multiply and an
+in-place fill through autograd, whose backward clones each dropped layer's gradient): the same
+numbers at a higher cost, kept as the reference for that change.
+
 Usage: python benchmarks/train_step.py [--batch-sizes 512 1024] [--rounds 5] [--steps 20]
 
 Each variant is its own model and fused AdamW over the same random batch (the step cost does not
-depend on the values); the variants take turns within each round, and each figure is the median
-over the rounds of the mean step time, so a noisy machine shifts every variant alike. The shapes
+depend on the values); the variants take turns within each round (in reverse order every other
+round), and each figure is the median over the rounds of the mean step time, so a noisy machine
+shifts every variant alike. The shapes
 are the real data's: the 22 categorical columns of the default run with external tables (Store
 1116 codes ... ), 18 continuous columns, hidden layers 500 and 250, the default dropouts.
 `epoch_seconds_804k` scales a step to the real data's 804,056 training rows.
@@ -26,7 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling.dropout import SparseDropout  # noqa: E402
+from modeling.dropout import SparseDropout, dropped_positions  # noqa: E402
 from modeling.tabular import TabularModel  # noqa: E402
 from modeling.training.optim import make_optimizer  # noqa: E402
 
@@ -34,13 +39,26 @@ CARDS = [1116, 8, 4, 13, 32, 3, 26, 27, 5, 4, 4, 25, 13, 53, 23, 8, 8, 3, 3, 9, 
 N_CONT, LAYERS, ROWS = 18, (500, 250), 804_056
 
 
-def build(sparse: bool) -> TabularModel:
+class ComposedDropout(SparseDropout):
+    """SparseDropout's layer as plain autograd ops (before `modeling.dropout._SparseDrop`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        out = x * (1.0 / (1.0 - self.p))
+        pos = dropped_positions(out.numel(), self.p, out.device)
+        if pos.numel():
+            out.view(-1).index_fill_(0, pos, 0.0)
+        return out
+
+
+def build(sparse: bool, composed: bool = False) -> TabularModel:
     model = TabularModel([(c, min(50, (c + 1) // 2)) for c in CARDS], N_CONT, layers=LAYERS, y_range=(0.0, 12.0))
-    if not sparse:  # the layers as they were: nn.Dropout draws one random number per unit
+    if not sparse or composed:  # nn.Dropout draws one random number per unit; composed: see the doc
         for module in list(model.modules()):
             for name, child in list(module.named_children()):
                 if isinstance(child, SparseDropout):
-                    setattr(module, name, nn.Dropout(child.p))
+                    setattr(module, name, ComposedDropout(child.p) if sparse else nn.Dropout(child.p))
     return model.train()
 
 
@@ -65,15 +83,16 @@ def main() -> None:
     for bs in args.batch_sizes:
         x_cat = torch.stack([torch.randint(0, c, (bs,)) for c in CARDS], 1)
         batch = (x_cat, torch.randn(bs, N_CONT), torch.rand(bs) * 10)
-        variants = {"dense_fp32": (False, False), "sparse_fp32": (True, False), "sparse_bf16": (True, True)}
+        variants = {"dense_fp32": (False, False, False), "composed_fp32": (True, True, False),
+                    "sparse_fp32": (True, False, False), "sparse_bf16": (True, False, True)}
         runs = {}
-        for name, (sparse, bf16) in variants.items():
-            model = build(sparse)
+        for name, (sparse, composed, bf16) in variants.items():
+            model = build(sparse, composed)
             runs[name] = (model, make_optimizer(model, lr=1e-3), bf16)
 
         times: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(args.rounds):
-            for name, run in runs.items():
+        for r in range(args.rounds):  # the order alternates, so a drifting machine favours no variant
+            for name, run in (list(runs.items()) if r % 2 == 0 else list(runs.items())[::-1]):
                 for _ in range(3):
                     step(*run, batch)
                 t0 = time.perf_counter()

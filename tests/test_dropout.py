@@ -80,3 +80,48 @@ def test_precision_resolution() -> None:
     assert resolve_precision("auto", "cpu") in ("fp32", "bf16")
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("fp16")
+
+
+class _Composed(SparseDropout):
+    """The layer as plain autograd ops (its implementation before `_SparseDrop`): a multiply and an
+    in-place fill, whose backward clones the gradient."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x * (1.0 / (1.0 - self.p))
+        pos = dropped_positions(out.numel(), self.p, out.device)
+        if pos.numel():
+            out.view(-1).index_fill_(0, pos, 0.0)
+        return out
+
+
+@pytest.mark.parametrize("p", [0.001, 0.04])
+def test_same_bits_and_random_stream_as_the_composed_ops(p: float) -> None:
+    """The autograd function changes the cost, not the numbers: the same seed drops the same units,
+    and outputs and input gradients (through a later layer, so the gradient is not constant) agree
+    bit for bit with the plain composition; the generator ends in the same state."""
+    x = torch.randn(512, 216)
+    w = torch.randn(216, 7)
+    outs, grads, states = [], [], []
+    for layer in (SparseDropout(p), _Composed(p)):
+        torch.manual_seed(3)
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        (y @ w).square().sum().backward()
+        outs.append(y.detach())
+        grads.append(xi.grad)
+        states.append(torch.get_rng_state())
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(grads[0], grads[1])
+    assert torch.equal(states[0], states[1])
+    assert (outs[0] == 0).any()
+
+
+def test_non_contiguous_input_and_gradient() -> None:
+    """A transposed input (and so a transposed incoming gradient) is dropped like its copy."""
+    torch.manual_seed(4)
+    x = torch.randn(300, 200).t().requires_grad_(True)
+    y = SparseDropout(0.05)(x)
+    kept = y != 0
+    assert torch.allclose(y[kept], x[kept] / 0.95)
+    y.t().sum().backward()  # the gradient arrives transposed
+    assert torch.allclose(x.grad, kept.float() / 0.95)
