@@ -3,8 +3,9 @@ refit in a worker process, half of the threads each); prints one JSON line.
 
 Usage: python benchmarks/refit_parallel.py [--rows 200000] [--epochs 2] [--rounds 2]
 
-Synthetic data of the real Rossmann shapes (the 22 categorical columns of the default run with
-external tables, 18 continuous ones, `benchmarks/train_step.py`'s cardinalities), the default
+Synthetic data of `benchmarks/train_step.py`'s shapes (22 categorical columns and 18 continuous
+ones, from an earlier feature set of the real data; today's real network is about twice as wide in
+its first layer: see that script's doc), the default
 network and batch (layers 500 and 250, batch 512) and the default precision for this machine. The
 validation run trains on the first 95% of the rows and validates on the rest each epoch; the
 refit trains on all rows, as `train rossmann` does. The two ways take turns within each round and

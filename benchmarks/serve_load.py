@@ -10,9 +10,9 @@ pipelines' own `pipelines.synth` + `pipelines.jobs` (`train_rossmann` / `train_r
 test suite's session fixture uses; under a minute on a quiet machine) into a temporary MLflow sqlite store
 and registered with alias `champion`. The Rossmann model is the default recipe (its ensemble,
 hidden layers and snapshot schedule) on small data; `--layers 1000,500` trains the wider network
-the figures before 2026-12-03 were measured with (that pin was kept from before the default
-layers became 500,250, and made every request's second-layer products four times the default
-model's). Then three servers start on free loopback ports, each
+that every serve_load figure before the fifth session of 2026-12-02 was measured with (a pin kept
+from before the default layers became 500,250; it made each request's second-layer products four
+times the default model's). Then three servers start on free loopback ports, each
 in its own process group:
 
 - `tabrec serve` (one uvicorn worker) with both models: `POST /v1/models/<name>/predict`
