@@ -5,8 +5,8 @@ Usage: python benchmarks/refit_parallel.py [--rows 200000] [--epochs 2] [--round
 
 Synthetic data of `benchmarks/train_step.py`'s shapes (22 categorical columns and 18 continuous
 ones, from an earlier feature set of the real data; today's real network is about twice as wide in
-its first layer: see that script's doc), the default
-network and batch (layers 500 and 250, batch 512) and the default precision for this machine. The
+its first layer: see that script's doc), the default network and batch (layers 500 and 250, batch
+512) and the default precision for this machine. The
 validation run trains on the first 95% of the rows and validates on the rest each epoch; the
 refit trains on all rows, as `train rossmann` does. The two ways take turns within each round and
 the figure is the median over rounds of each way's wall seconds, so a noisy machine shifts both.

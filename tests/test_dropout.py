@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from benchmarks.train_step import ComposedDropout
 from modeling.dropout import SparseDropout, dropped_positions
 from modeling.tabular import TabularModel
 from modeling.training.trainer import resolve_precision
@@ -82,27 +83,16 @@ def test_precision_resolution() -> None:
         resolve_precision("fp16")
 
 
-class _Composed(SparseDropout):
-    """The layer as plain autograd ops (its implementation before `_SparseDrop`): a multiply and an
-    in-place fill, whose backward clones the gradient."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x * (1.0 / (1.0 - self.p))
-        pos = dropped_positions(out.numel(), self.p, out.device)
-        if pos.numel():
-            out.view(-1).index_fill_(0, pos, 0.0)
-        return out
-
-
 @pytest.mark.parametrize("p", [0.001, 0.04])
 def test_same_bits_and_random_stream_as_the_composed_ops(p: float) -> None:
-    """The autograd function changes the cost, not the numbers: the same seed drops the same units,
-    and outputs and input gradients (through a later layer, so the gradient is not constant) agree
-    bit for bit with the plain composition; the generator ends in the same state."""
+    """The autograd function changes the cost, not the numbers. Against the layer as plain autograd
+    ops (its implementation before; `benchmarks/train_step.py` keeps it as its reference variant)
+    the same seed drops the same units, outputs and input gradients (through a later layer, so the
+    gradient is not constant) agree bit for bit, and the generator ends in the same state."""
     x = torch.randn(512, 216)
     w = torch.randn(216, 7)
     outs, grads, states = [], [], []
-    for layer in (SparseDropout(p), _Composed(p)):
+    for layer in (SparseDropout(p), ComposedDropout(p)):
         torch.manual_seed(3)
         xi = x.clone().requires_grad_(True)
         y = layer(xi)

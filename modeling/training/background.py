@@ -11,9 +11,10 @@ in a state the child cannot use). It gets a picklable function and its arguments
 through shared memory (torch's multiprocessing reducers); the result comes back as `torch.save`
 bytes (a shared-memory handle would need the worker alive after it exits). Messages the worker
 `report`s (per-epoch logs) reach the parent as they happen (`on_progress`, called from a reader
-thread), so a long refit still shows progress. A worker whose parent is gone exits by itself. An exception in the worker is re-raised in the
-parent as `BackgroundError` with the worker's traceback; a worker that dies (killed, out of
-memory) is an error too, never a silent empty result. `cancel()` terminates it.
+thread), so a long refit still shows progress. A worker whose parent is gone exits by itself. An
+exception in the worker is re-raised in the parent as `BackgroundError` with the worker's
+traceback; a worker that dies (killed, out of memory) is an error too, never a silent empty
+result. `cancel()` terminates it.
 """
 
 from __future__ import annotations
