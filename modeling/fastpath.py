@@ -4,7 +4,7 @@ differ only in how many rows they hand over.
 
 Why it is not the modules' forward: a one-record request spent most of its forward time in module
 calls and in the first layer's matrix product, and a row's float32 bits from a BLAS product
-depend on how many rows came with it (MKL picks other kernels under 16 rows for these shapes).
+depend on how many rows came with it (MKL picks other kernels for a few rows).
 
 First layer, projected (`_Projected`, the default): the first Linear is linear in each embedding,
 so each table is pushed through its slice of the first Linear once at load (P_j = E_j W1_j^T,
@@ -19,11 +19,16 @@ vocabularies; see PROJECTION_LIMIT) and networks without hidden layers take the 
 layer instead (`_Gathered`: the embeddings' rows, then the modules' own functional calls).
 
 Later layers are BLAS products; each hidden BatchNorm is folded into the next Linear (float64
-fold, float32 weights). Their inputs are padded to PAD_ROWS rows (copies of the first row) when a
-call has fewer, from where MKL's float32 kernels give a row the batch's bits (tests/test_fastpath.py
-checks it on real shapes at one and two threads); unpadded one-row products differ by an ulp or
-two, which reached 1e-6 of Sales on real-shaped weights, so the padding stays. With the projected
-first layer only the second layer's product is padded.
+fold, float32 weights). A call with fewer than PAD_ROWS rows runs them on more rows, since MKL's
+float32 kernels give a row the batch's bits only from some row count up (unpadded one-row products
+differ by an ulp or two, which reached 1e-6 of Sales on real-shaped weights). That count depends
+on the CPU and the thread count (16 on a Xeon VM; 4 on an AMD EPYC VM at one thread, where two
+threads agree only at multiples of 4 and from 12 up), so `_Projected._calibrate` finds it once per
+thread count with random inputs of the runtime's layout (kernel choice depends on shapes, not
+values): n rows run as the fewest rows from n up that agree, at most PAD_ROWS. The extra rows are
+empty bags of the first layer's `embedding_bag` (zeros, dropped at the end): no copy.
+tests/test_fastpath.py checks every request size against batch scoring on real shapes at one and
+two threads.
 
 The head (the last hidden layer's BatchNorm, the output Linear, the sigmoid range) and the
 members' mean are float64 and row-wise sums (no BLAS kernel choice), so where float32 kernels
@@ -45,7 +50,7 @@ from torch import nn
 from modeling.tabular import TabularModel
 
 SMALL_BATCH_ROWS = 32  # module-path padding: from here up a row's float32 output does not depend on the batch
-PAD_ROWS = 16  # MKL's float32 kernels for TabularModel shapes give a row the batch's bits from 16 rows up
+PAD_ROWS = 16  # from here up MKL's float32 kernels give a row the batch's bits (fewer: calibrated)
 FLAT_GATHER_ROWS = 256  # gathered first layer: up to this many rows one take from the flat table
 PROJECTION_LIMIT = 64 * 2**20  # float32 values in a projected first-layer table (256 MB); above: gathered
 
@@ -79,13 +84,6 @@ def _head(model: TabularModel) -> tuple[np.ndarray, float]:
         scale, shift = _bn_affine(blocks[-1][1])  # type: ignore[arg-type]
         weight, bias = weight * scale, bias + float(weight @ shift)
     return weight, bias
-
-
-def padded(x: torch.Tensor, rows: int = PAD_ROWS) -> torch.Tensor:
-    """At least `rows` rows (the first row repeated): the padding rows' outputs are dropped."""
-    if len(x) >= rows:
-        return x
-    return torch.cat([x, x[:1].expand(rows - len(x), -1)])
 
 
 def padded_array(a: np.ndarray, rows: int = SMALL_BATCH_ROWS) -> np.ndarray:
@@ -133,7 +131,8 @@ class _Projected:
                 later.append((torch.from_numpy(w.astype(np.float32)), torch.from_numpy(b.astype(np.float32))))
             self.later.append(later)
         self.table = torch.from_numpy(np.ascontiguousarray(np.concatenate(columns, axis=1), dtype=np.float32))
-        self._starts: dict[int, torch.Tensor] = {}
+        self._starts: dict[tuple[int, int], torch.Tensor] = {}
+        self._pad_to: dict[int, np.ndarray] = {}  # torch thread count -> rows to run n rows on
 
     @staticmethod
     def size(models: Sequence[TabularModel]) -> int:
@@ -151,27 +150,66 @@ class _Projected:
         index[:, self.n_cat : self.n_cat + self.n_cont] = self.cont_rows
         index[:, -1] = self.bias_row
         weight[:, self.n_cat : self.n_cat + self.n_cont] = x_cont
+        rows = self._rows(n) if self.later[0] else n
         # the op behind F.embedding_bag (mode 0: sum), without its wrapper's checks: bag i is
-        # index[i], summed in order with its weights
-        first = torch.embedding_bag(self.table, torch.from_numpy(index.reshape(-1)), self._offsets(n, k),
+        # index[i], summed in order with its weights; bags n..rows-1 are empty (zero rows: the
+        # padding of the products' inputs, dropped at the end)
+        first = torch.embedding_bag(self.table, torch.from_numpy(index.reshape(-1)), self._offsets(n, k, rows),
                                     False, 0, False, torch.from_numpy(weight.reshape(-1)))[0].relu_()
-        if self.later[0]:
-            first = padded(first)
+        return [x[:n].numpy() for x in self._later(first)]
+
+    def _later(self, first: torch.Tensor) -> list[torch.Tensor]:
+        """Each member's later layers over the first layer's (relu'd) output, all its rows."""
         out = []
         for j, later in enumerate(self.later):
             x = first[:, j * self.width : (j + 1) * self.width]
             for w, b in later:
                 x = F.linear(x, w, b).relu_()
-            out.append(x[:n].numpy())
+            out.append(x)
         return out
 
-    def _offsets(self, n: int, k: int) -> torch.Tensor:
-        """Bag starts 0, k, 2k, ... (kept for request sizes up to FLAT_GATHER_ROWS)."""
+    def _rows(self, n: int) -> int:
+        """Rows to run the products on for n rows: n from PAD_ROWS up, else the smallest row
+        count from n up whose bits this process's BLAS kernels give as the batch's
+        (`_calibrate`, once per thread count)."""
+        if n >= PAD_ROWS:
+            return n
+        threads = torch.get_num_threads()
+        table = self._pad_to.get(threads)
+        if table is None:
+            table = self._pad_to[threads] = self._calibrate()
+        return int(table[n])
+
+    def _calibrate(self, trials: int = 3, reference: int = 4 * PAD_ROWS) -> np.ndarray:
+        """For each n < PAD_ROWS, the smallest m >= n (at most PAD_ROWS) such that the later
+        layers run on m rows give each row the bits it gets among `reference` rows (see the module
+        docstring). A size is ruled out by one differing value in `trials` random draws; inputs
+        are fresh [m, members x width] tensors sliced per member, as at run time."""
+        gen = torch.Generator().manual_seed(0)
+        cols = self.width * len(self.later)
+        good = np.ones(PAD_ROWS, dtype=bool)  # good[m]: m rows give the batch's bits
+        good[0] = False
+        with torch.inference_mode():
+            for _ in range(trials):
+                full = torch.rand(reference, cols, generator=gen)
+                want = self._later(full)
+                for m in np.flatnonzero(good):
+                    got = self._later(full[: int(m)].clone())
+                    good[m] = all(torch.equal(g, w[: int(m)]) for g, w in zip(got, want, strict=True))
+        pad_to = np.full(PAD_ROWS, PAD_ROWS, dtype=np.int64)
+        for n in range(PAD_ROWS - 1, 0, -1):
+            pad_to[n] = n if good[n] else (pad_to[n + 1] if n + 1 < PAD_ROWS else PAD_ROWS)
+        return pad_to
+
+    def _offsets(self, n: int, k: int, rows: int) -> torch.Tensor:
+        """Bag starts 0, k, 2k, ..., then rows - n empty bags at n*k (kept for request sizes up to
+        FLAT_GATHER_ROWS)."""
         if n > FLAT_GATHER_ROWS:
             return torch.arange(0, n * k, k)
-        cached = self._starts.get(n)
+        cached = self._starts.get((n, rows))
         if cached is None:
-            cached = self._starts[n] = torch.arange(0, n * k, k)
+            starts = np.concatenate([np.arange(0, n * k, k), np.full(rows - n, n * k)]).astype(np.int64)
+            cached = self._starts[(n, rows)] = torch.from_numpy(starts)
         return cached
 
 

@@ -3,10 +3,11 @@ ensemble members), each member's output, and the small-request variant.
 
 TabularModel networks run through `modeling.fastpath.TabularForward` on every path (batch chunks,
 small requests, members' spread): a projected first layer, float32 hidden layers, a float64 head
-and mean; it pads the inputs of its BLAS products to PAD_ROWS rows itself (a short batch chunk or
-a small request), so a row's answer has the same bits whatever came with it. Other networks (the
-ratings models) run through their modules, every slice under SMALL_BATCH_ROWS padded alike, so a
-row's float32 output does not depend on how many rows came with it either."""
+and mean; it pads the inputs of its BLAS products itself (a short batch chunk or a small request:
+to the fewest rows, at most PAD_ROWS, whose kernels give the batch's bits), so a row's answer has
+the same bits whatever came with it. Other networks (the ratings models) run through their
+modules, every slice under SMALL_BATCH_ROWS padded alike, so a row's float32 output does not
+depend on how many rows came with it either."""
 
 from __future__ import annotations
 

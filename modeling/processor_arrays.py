@@ -25,15 +25,16 @@ class ArrayEncoder:
     """(x_cat, x_cont) for arrays by column name, as `TabularProcessor.transform` gives them."""
 
     def __init__(self, proc: TabularProcessor) -> None:
-        from modeling.processor import _lookup_codes
+        from modeling.processor import _INT64_LIMIT, _lookup_codes, _to_float
 
-        self._lookup = _lookup_codes
+        self._lookup, self._int64_limit, self._to_float = _lookup_codes, _INT64_LIMIT, _to_float
         self.proc = proc
         self.cat_names = list(proc.cat_names)
         self.cont_names = list(proc.cont_names)
         self.n_cat_out = len(proc.cat_names_out)
         # integer-like vocabularies: one flat table (column j's codes at start[j]..) and a zero slot
-        tables = [(j, c, proc._int_tables[c]) for j, c in enumerate(self.cat_names)]
+        tables_all = [proc._int_tables[c] for c in self.cat_names]
+        tables = [(j, c, t) for j, (c, t) in enumerate(zip(self.cat_names, tables_all, strict=True))]
         tables = [(j, c, t) for j, c, t in tables if t is not None]
         self.int_pos = np.array([j for j, _, _ in tables], dtype=np.intp)
         self.int_names = [c for _, c, _ in tables]
@@ -43,6 +44,8 @@ class ArrayEncoder:
         self.int_start = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
         self.int_flat = np.concatenate([*(t[1] for _, _, t in tables), np.zeros(1, np.int64)])
         self.zero_slot = len(self.int_flat) - 1
+        self.int_high = self.int_low + self.int_span
+        self.rest = [j for j, t in enumerate(tables_all) if t is None]
         # strings: a str is its own canonical form; code = vocabulary position + 1
         self.str_codes = {c: {v: i + 1 for i, v in enumerate(proc.vocab[c])} for c in self.cat_names}
         self.medians = np.array([proc.medians[c] for c in self.cont_names], dtype=np.float64)
@@ -54,27 +57,41 @@ class ArrayEncoder:
 
     def __call__(self, cols: Mapping[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
         x_cat = np.zeros((n, self.n_cat_out), dtype=np.int64)
-        done = np.zeros(len(self.cat_names), dtype=bool)
+        rest = self.rest  # columns without an int table: strings or the processor's lookup
         if len(self.int_pos):
-            plain = np.array([_plain_int(cols[c]) for c in self.int_names], dtype=bool)
-            if plain.any():
-                sel = np.flatnonzero(plain)
-                ints = np.stack([cols[self.int_names[k]] for k in sel], axis=1).astype(np.int64, copy=False)
-                low = self.int_low[sel]
-                inside = (ints >= low) & (ints < low + self.int_span[sel])  # no wrap-around
-                at = np.where(inside, ints - low + self.int_start[sel], self.zero_slot)
-                x_cat[:, self.int_pos[sel]] = self.int_flat[at]
-                done[self.int_pos[sel]] = True
-        for j in np.flatnonzero(~done):
+            # every int-table column read as ints in one matrix: plain ints as they are, integral
+            # floats (NaN: missing, code 0) converted, anything else left to the per-column path
+            ints = np.zeros((n, len(self.int_pos)), dtype=np.int64)
+            zeroed: list[tuple[int, np.ndarray]] = []
+            rest = list(rest)
+            for k, c in enumerate(self.int_names):
+                a = cols[c]
+                kind = a.dtype.kind
+                if kind == "i" or (kind == "u" and a.dtype.itemsize < 8):
+                    ints[:, k] = a
+                elif kind == "f":
+                    missing = np.isnan(a)
+                    if not np.all(missing | ((a == np.floor(a)) & (np.abs(a) < self._int64_limit))):
+                        rest.append(self.int_pos[k])  # fractions, infinities: canonicalised there
+                        continue
+                    ints[:, k] = np.where(missing, 0.0, a)
+                    if missing.any():
+                        zeroed.append((k, missing))
+                else:
+                    rest.append(self.int_pos[k])
+            inside = (ints >= self.int_low) & (ints < self.int_high)  # no wrap-around
+            at = np.where(inside, ints - self.int_low + self.int_start, self.zero_slot)
+            for k, missing in zeroed:
+                at[missing, k] = self.zero_slot
+            x_cat[:, self.int_pos] = self.int_flat[at]
+        for j in rest:
             c = self.cat_names[j]
             codes = _string_codes(cols[c], self.str_codes[c])
             x_cat[:, j] = codes if codes is not None else \
                 self._lookup(cols[c], self.proc._index[c], self.proc._int_tables[c])
         x_cont = np.zeros((n, len(self.cont_names)), dtype=np.float32)
         if self.cont_names:
-            from modeling.processor import _to_float
-
-            x = np.stack([_to_float(cols[c], c) for c in self.cont_names], axis=1)
+            x = np.stack([self._to_float(cols[c], c) for c in self.cont_names], axis=1)
             missing = ~np.isfinite(x)  # infinities are missing, as in `transform`
             x = np.where(missing, self.medians, x)
             if self.proc.normalize:
@@ -83,12 +100,6 @@ class ArrayEncoder:
             if len(self.na_src):
                 x_cat[:, self.na_dst] = np.where(missing[:, self.na_src], 2, 1)
         return x_cat, x_cont
-
-
-def _plain_int(a: np.ndarray) -> bool:
-    """Whether an array's values are plain integers within int64 (read through the int table)."""
-    kind = a.dtype.kind
-    return kind == "i" or (kind == "u" and a.dtype.itemsize < 8)
 
 
 def _string_codes(a: np.ndarray, codes: dict[str, int]) -> np.ndarray | None:

@@ -145,8 +145,9 @@ def real_shaped_ensemble(p: TabularPredictor, members: int = 3) -> list[Any]:
 def test_forward_rows_do_not_depend_on_request_size(ross: TabularPredictor) -> None:
     """On real shapes (see `real_shaped_ensemble`) and on the bundle's own network: with one
     torch thread a row's answer from a request of any size has exactly the bits batch scoring
-    gives it (small requests are padded to the 16 rows from which BLAS's float32 kernels are the
-    batch's); with two threads (other work splits) every size agrees to 1e-6."""
+    gives it (small requests run their products on the fewest rows, at most 16, from which this
+    machine's float32 kernels give the batch's bits: `_Projected._calibrate`); with two threads
+    (other work splits) every size agrees to 1e-6."""
     import torch
 
     from modeling.forward import forward_chunks, forward_small
@@ -162,7 +163,7 @@ def test_forward_rows_do_not_depend_on_request_size(ross: TabularPredictor) -> N
                 batch = forward_chunks(networks, (x_cat, x_cont))
                 assert np.exp(batch).std() > 5 and np.isfinite(batch).all()  # the rows' answers vary
                 cache: dict[str, Any] = {}  # prepared once per set of networks, as a predictor keeps it
-                for size in (1, 3, 15, 16, 33, 256):
+                for size in (1, 2, 3, 4, 5, 7, 12, 15, 16, 33, 256):
                     cuts = [slice(s, min(s + size, len(x_cat))) for s in range(0, len(x_cat), size)]
                     small = np.concatenate([forward_small(networks, (x_cat[c], x_cont[c]), cache) for c in cuts])
                     np.testing.assert_allclose(np.exp(small), np.exp(batch), rtol=REL, atol=0,

@@ -193,3 +193,22 @@ def test_bad_model_spec_exits_2(tracking, tmp_path):
                          cwd=tmp_path, env=clean_env(tracking["tracking_uri"]), capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2 and "NAME=URI" in out.stderr
+
+
+def test_uvicorn_runs_the_c_http_parser_and_event_loop():
+    """`tabrec serve` leaves uvicorn's http and loop on "auto"; the pinned httptools and uvloop
+    make auto pick the C implementations (pure-Python h11 and asyncio without them: ~7% of the
+    one-record p50, docs/benchmarks.md "Serving")."""
+    import asyncio
+
+    import uvloop
+    from uvicorn.loops.auto import auto_loop_factory
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    assert AutoHTTPProtocol is HttpToolsProtocol
+    loop = auto_loop_factory()()
+    try:
+        assert isinstance(loop, uvloop.Loop) and isinstance(loop, asyncio.AbstractEventLoop)
+    finally:
+        loop.close()

@@ -144,17 +144,19 @@ class Positions:
         self.index = index
         self.kind = index.dtype.kind if isinstance(index.dtype, np.dtype) else ""
         self.keys: np.ndarray | None = None
+        # the one array dtype searched directly: the index's own (datetimes only in ns)
+        self.dtype = index.dtype if self.kind == "i" or index.dtype == "datetime64[ns]" else None
         if self.kind in "iM" and index.is_unique and len(index):
             raw = index.to_numpy().view(np.int64) if self.kind == "M" else index.to_numpy().astype(np.int64)
             self.order = np.argsort(raw, kind="stable")
             self.keys = raw[self.order]
+            self.last = len(raw) - 1
 
     def __call__(self, values: pd.Series | np.ndarray) -> np.ndarray:
         keys = self.keys
-        if keys is not None and isinstance(values, np.ndarray) and (
-                values.dtype == self.index.dtype and (self.kind == "i" or values.dtype == "datetime64[ns]")):
+        if keys is not None and type(values) is np.ndarray and values.dtype == self.dtype:
             q = values.view(np.int64) if self.kind == "M" else values.astype(np.int64, copy=False)
-            at = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
+            at = np.minimum(keys.searchsorted(q), self.last)
             return np.where(keys[at] == q, self.order[at], -1)
         return self.index.get_indexer(values)
 
@@ -263,10 +265,12 @@ class ArrayColumns:
         return self.cols[name]
 
     def add(self, cols: Mapping[str, Any]) -> None:
+        own = self.cols
         for name, values in cols.items():
-            if name not in self.cols:
+            if name not in own:
                 self.columns.append(name)
-            self.cols[name] = values.to_numpy() if isinstance(values, pd.Series) else np.asarray(values)
+            own[name] = values if type(values) is np.ndarray else (
+                values.to_numpy() if isinstance(values, pd.Series) else np.asarray(values))
 
 
 # ---------------------------------------------------------------------------- step base

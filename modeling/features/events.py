@@ -116,6 +116,9 @@ class ElapsedEvents(Step):
             if all(len(b) == 0 or b.max() < EVENT_BIT for b in blocks):
                 self._stacked = np.concatenate([b.astype(np.int64) + (np.int64(i) << EVENT_SHIFT)
                                                 for i, b in enumerate(blocks)])
+        self._event_off = (np.arange(len(self.events), dtype=np.int64) << EVENT_SHIFT)[:, None]
+        names = self.outputs()  # per event: after, before, _bw, _fw
+        self._names = [tuple(names[i : i + 4]) for i in range(0, len(names), 4)]
 
     def _require_fitted(self) -> CalendarIndex:
         if self._index is None:
@@ -174,12 +177,10 @@ class ElapsedEvents(Step):
         if len(q) <= STACKED_ROWS and self._stacked is not None and (len(q) == 0 or q.max() < EVENT_BIT):
             # a request's few rows: every event in one pass over the stacked calendars (the
             # same searches on the same keys, each event's block marked by its high bits)
-            e_off = (np.arange(len(self.events), dtype=np.int64) << EVENT_SHIFT)[:, None]
             own = np.stack([flags[e] for e in self.events])
-            parts = [p.reshape(len(self.events), -1) for p in self._distances(self._stacked, q[None, :] + e_off, own)]
-            for i, e in enumerate(self.events):
-                cols[self.after_prefix + e], cols[self.before_prefix + e] = parts[0][i], parts[1][i]
-                cols[f"{e}_bw"], cols[f"{e}_fw"] = parts[2][i], parts[3][i]
+            since, until, bw, fw = self._distances(self._stacked, q[None, :] + self._event_off, own)  # [events, n]
+            for i, (a, b, c, d) in enumerate(self._names):
+                cols[a], cols[b], cols[c], cols[d] = since[i], until[i], bw[i], fw[i]
             return cols
         for e in self.events:
             since, until, bw, fw = self._distances(index.events[e], q, flags[e])
@@ -198,16 +199,16 @@ class ElapsedEvents(Step):
             none = np.where(own, 0, cap).astype(np.int64)
             return none, none.copy(), own64, own64.copy()
         group = q >> SHIFT
-        left = np.searchsorted(ev, q, "left")  # calendar days < q end here
-        right = np.searchsorted(ev, q, "right")  # calendar days > q start here
+        left = ev.searchsorted(q, "left")  # calendar days < q end here
+        right = ev.searchsorted(q, "right")  # calendar days > q start here
         prev = ev[np.maximum(left - 1, 0)]
         has_prev = (left > 0) & ((prev >> SHIFT) == group)
         since = np.where(own, 0, np.where(has_prev, q - prev, cap))
         nxt = ev[np.minimum(right, len(ev) - 1)]
         has_next = (right < len(ev)) & ((nxt >> SHIFT) == group)
         until = np.where(own, 0, np.where(has_next, nxt - q, cap))
-        bw = left - np.searchsorted(ev, q - (w - 1), "left") + own64
-        fw = np.searchsorted(ev, q + (w - 1), "right") - right + own64
+        bw = left - ev.searchsorted(q - (w - 1), "left") + own64
+        fw = ev.searchsorted(q + (w - 1), "right") - right + own64
         return (_clip(since, cap), _clip(until, cap),
                 bw.astype(np.int64), fw.astype(np.int64))
 

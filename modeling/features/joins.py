@@ -55,6 +55,9 @@ class _TableKeys:
         self.dtypes, self.strides = dtypes, strides
         self.uniques = [Positions(u) for u in uniques]
         self.index = Positions(index)
+        # one key column: its unique value's code -> table row, so a lookup is one search
+        single = len(uniques) == 1 and len(uniques[0]) > 0
+        self.rows = index.get_indexer(np.arange(len(uniques[0]), dtype=np.int64)) if single else None
 
     @classmethod
     def build(cls, right: list[pd.Series]) -> _TableKeys | None:
@@ -75,6 +78,9 @@ class _TableKeys:
         return all(lk.dtype == dt for lk, dt in zip(left, self.dtypes, strict=True))
 
     def positions(self, left: list[pd.Series]) -> np.ndarray:
+        if self.rows is not None:
+            part = self.uniques[0](left[0])
+            return np.where(part >= 0, self.rows[part], -1)  # part -1 reads the last row: replaced
         combined = np.zeros(len(left[0]), dtype=np.int64)
         unmatched = np.zeros(len(left[0]), dtype=bool)
         for lk, u, stride in zip(left, self.uniques, self.strides, strict=True):
@@ -228,7 +234,7 @@ class GroupAny(Step):
         self.where = dict(where or {})
         self.default = default
         self.table: pd.DataFrame | None = None
-        self._index: tuple[pd.DataFrame, Positions] | None = None  # (table, its group index)
+        self._index: tuple[pd.DataFrame, Positions, np.ndarray] | None = None  # (table, its group index, flags)
 
     def describe(self, dates: Collection[str] = ()) -> StepInfo:
         # the flag is learned in fit: a row's value does not depend on its batch neighbours
@@ -249,9 +255,10 @@ class GroupAny(Step):
             raise RuntimeError(f"{self.name}: call fit() before transform()")
         require(df, [self.group], self.name)
         if self._index is None or self._index[0] is not self.table:
-            self._index = (self.table, Positions(pd.Index(self.table[self.group])))
-        pos = self._index[1](df[self.group])
-        values = self.table[self.out].to_numpy()
+            self._index = (self.table, Positions(pd.Index(self.table[self.group])),
+                           self.table[self.out].to_numpy())
+        _, index, values = self._index
+        pos = index(df[self.group])
         out = np.where(pos >= 0, values[np.maximum(pos, 0)] if len(values) else 0, self.default)
         return {self.out: out.astype(np.int64)}
 
