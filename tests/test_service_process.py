@@ -197,8 +197,7 @@ def test_bad_model_spec_exits_2(tracking, tmp_path):
 
 def test_uvicorn_runs_the_c_http_parser_and_event_loop():
     """`tabrec serve` leaves uvicorn's http and loop on "auto"; the pinned httptools and uvloop
-    make auto pick the C implementations (pure-Python h11 and asyncio without them: ~7% of the
-    one-record p50, docs/benchmarks.md "Serving")."""
+    make auto pick the C implementations (pure-Python h11 and asyncio without them)."""
     import asyncio
 
     import uvloop
