@@ -289,6 +289,11 @@ class TabularForward:
             return TabularForward(models)  # type: ignore[arg-type]
         return None
 
+    def warm_up(self) -> None:
+        """Calibrate the small-request padding for this thread count now (see `_Projected._rows`)."""
+        if self.projected is not None and self.projected.later[0]:
+            self.projected._rows(1)
+
     def members(self, x_cat: np.ndarray, x_cont: np.ndarray) -> np.ndarray:
         """[len(models), n] float64: each network's output for the rows."""
         if len(x_cat) == 0:

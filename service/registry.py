@@ -227,6 +227,7 @@ class ModelRegistry:
                 predictor.source.uri = uri
             if calendar is not None:
                 predictor = with_calendar(predictor, name, calendar)
+            predictor.warm_up()  # off to the side, before it serves: no slow first request
             loaded = LoadedModel(name, uri, predictor, identity, time.time())
         except Exception as exc:  # any failure keeps the old predictor serving
             entry.status, entry.error = "failed", describe_error(exc)

@@ -325,3 +325,20 @@ def test_service_answers_from_the_fast_path(ross: TabularPredictor, module_store
         bad = client.post("/v1/models/rossmann/predict", json={"records": [{**rows[0], "Date": "2015-02-30"}]})
         assert bad.status_code == 422
         assert bad.json()["detail"][0]["field"] == "Date" and "calendar date" in bad.json()["detail"][0]["msg"]
+
+
+def test_the_service_warms_a_model_up_before_it_serves(module_store: dict) -> None:
+    """A refresh prepares the forward (projected tables) and calibrates the small-request padding
+    for the current thread count before the model is swapped in, so no request pays for them."""
+    import torch
+
+    from service.registry import ModelRegistry
+
+    registry = ModelRegistry({"rossmann": "models:/rossmann@champion"})  # module_store: its tracking URI
+    report = registry.refresh()
+    assert [e.status for e in report.entries] == ["loaded"], report.entries
+    predictor = registry.get("rossmann").predictor
+    forward = predictor._small.get("forward")
+    assert forward is not None and forward.projected is not None
+    pad_to = forward.projected._pad_to[torch.get_num_threads()]
+    assert all(n <= pad_to[n] <= 16 for n in range(1, 16))
