@@ -156,13 +156,20 @@ def _fast_codes(s: pd.Series | np.ndarray, vocab_index: pd.Index,
         return _dense_codes(values.astype(np.int64, copy=False), int_table)
     if dtype.kind == "f":
         x = values
-        missing = np.isnan(x)
-        if not np.all(missing | ((x == np.floor(x)) & (np.abs(x) < _INT64_LIMIT))):
+        missing = integral_or_missing(x)
+        if missing is None:
             return None  # fractional or infinite values canonicalise as float strings
         codes = _dense_codes(np.where(missing, 0, x).astype(np.int64), int_table)
         codes[missing] = 0
         return codes
     return None
+
+
+def integral_or_missing(x: np.ndarray) -> np.ndarray | None:
+    """For a float array whose values are all whole numbers within int64 or NaN: the NaN mask
+    (those read as ints through an int table); None when any value has a fraction or is infinite."""
+    missing = np.isnan(x)
+    return missing if np.all(missing | ((x == np.floor(x)) & (np.abs(x) < _INT64_LIMIT))) else None
 
 
 def _lookup_codes(s: pd.Series | np.ndarray, vocab_index: pd.Index, int_table: tuple[int, np.ndarray] | None = None) -> np.ndarray:

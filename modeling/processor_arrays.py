@@ -25,9 +25,9 @@ class ArrayEncoder:
     """(x_cat, x_cont) for arrays by column name, as `TabularProcessor.transform` gives them."""
 
     def __init__(self, proc: TabularProcessor) -> None:
-        from modeling.processor import _INT64_LIMIT, _lookup_codes, _to_float
+        from modeling.processor import _lookup_codes, _to_float, integral_or_missing
 
-        self._lookup, self._int64_limit, self._to_float = _lookup_codes, _INT64_LIMIT, _to_float
+        self._lookup, self._integral_or_missing, self._to_float = _lookup_codes, integral_or_missing, _to_float
         self.proc = proc
         self.cat_names = list(proc.cat_names)
         self.cont_names = list(proc.cont_names)
@@ -70,8 +70,8 @@ class ArrayEncoder:
                 if kind == "i" or (kind == "u" and a.dtype.itemsize < 8):
                     ints[:, k] = a
                 elif kind == "f":
-                    missing = np.isnan(a)
-                    if not np.all(missing | ((a == np.floor(a)) & (np.abs(a) < self._int64_limit))):
+                    missing = self._integral_or_missing(a)
+                    if missing is None:
                         rest.append(self.int_pos[k])  # fractions, infinities: canonicalised there
                         continue
                     ints[:, k] = np.where(missing, 0.0, a)
