@@ -1,8 +1,9 @@
 """Rossmann quality and speed on the real Kaggle files: one full `train rossmann` run.
 
 Prints ONE JSON line: valid RMSPE of the model (weights chosen without the validation rows: each
-network at the end of its schedule, the ensemble's mean in log space), the best-epoch figure
-(selected on the validation rows, for comparison only), each member's figure and the seconds of
+network at the end of its schedule, the ensemble's mean in log space, plus the recent-level
+correction), the networks' figure without that correction (`valid_rmspe_networks_only`), the
+best-epoch figure (selected on the validation rows, for comparison only), each member's figure and the seconds of
 training behind it, the forest baseline (same features, same split, same run: their ratio),
 adversarial AUC, seconds of the validation run and of the refit, seconds per epoch, peak RSS, the
 load average around the run, and the compute floor measured in the same run (this machine's fp32
@@ -216,6 +217,10 @@ def main() -> None:
         "ensemble": c["ensemble"], "ensemble_kind": c["ensemble_kind"], "cycle_epochs": c["cycle_epochs"],
         "refit": c["refit"], "lr": m["lr"],
         "valid_rmspe": m["valid_rmspe"],
+        # the networks alone, before the recent-level correction (--level-days; absent when it is off)
+        "valid_rmspe_networks_only": m.get("valid_rmspe_networks_only", m["valid_rmspe"]),
+        "level_tau": m.get("level_tau"), "level_sigma": m.get("level_sigma"),
+        "level_persistence_t": m.get("level_persistence_t"), "level_applied": m.get("level_applied"),
         "valid_rmspe_best_epoch_selected_on_valid": m["valid_rmspe_best_epoch_selected_on_valid"],
         "member_valid_rmspe": [m.get(f"valid_rmspe_member_{i}", m["valid_rmspe"]) for i in range(members)],
         "member_train_seconds": [m.get(f"train_seconds_member_{i}", m["valid_run_seconds"]) for i in range(members)],

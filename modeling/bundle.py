@@ -216,7 +216,8 @@ class TabularSpec(BundleSpec):
 
     `members`: further networks of an ensemble, averaged with the main model on the model's
     scale (empty for a single model). `features`: whether ``features/`` holds a pipeline.
-    `uncertainty`: the spread forest's description when the extras carry one.
+    `uncertainty`: the spread forest's description when the extras carry one. `level`: the recent-level
+    correction's description (modeling.level) when the extras carry its offsets.
     """
 
     kind: ClassVar[str] = "tabular"
@@ -227,6 +228,7 @@ class TabularSpec(BundleSpec):
     uncertainty: dict[str, Any] | None = None
     members: list[ModelSpec] = field(default_factory=list)
     features: bool = False
+    level: dict[str, Any] | None = None  # modeling.level.RecentLevel.describe(); offsets in the extras
 
     def networks(self) -> list[ModelSpec]:
         return [self.model, *self.members]
@@ -243,6 +245,7 @@ class TabularSpec(BundleSpec):
             uncertainty=doc.get("uncertainty"),
             members=[ModelSpec.from_doc(m, f"{where} members[{i}]") for i, m in enumerate(doc.get("members") or [])],
             features=bool(doc.get("features", False)),
+            level=doc.get("level"),
         )
 
 

@@ -37,6 +37,7 @@ from modeling.drift import DriftSampler
 from modeling.errors import DataError
 from modeling.features.base import numbers
 from modeling.forward import forward_chunks, forward_members, forward_small, prepared
+from modeling.level import LEVEL_OFFSETS, RecentLevel
 from modeling.schema import InputSchema, RecordsError, canonical_strings
 from modeling.uri import ModelUri
 
@@ -103,6 +104,19 @@ class TabularPredictor(Predictor):
         self.uncertainty: dict[str, Any] = dict(self.spec.uncertainty or {})
         self._forest: Any = None  # ForestArrays, built on the first predict_with_spread
         self._small: dict[str, Any] = {}  # the networks' forward (every path), prepared on first use
+        self.level: RecentLevel | None = None  # the recent-level correction, added on the model scale
+        if self.spec.level is not None:
+            where = f"model {self.source.uri}"
+            if LEVEL_OFFSETS not in bundle.extras:
+                raise DataError(f"{where}: the bundle describes a level correction but carries no {LEVEL_OFFSETS}")
+            self.level = RecentLevel.from_bundle(self.spec.level, bundle.extras[LEVEL_OFFSETS].numpy(), where)
+            self._level_col = self.processor.cat_names_out.index(self.level.column)
+
+    def _leveled(self, raw: np.ndarray, x_cat: np.ndarray) -> np.ndarray:
+        """The networks' output (model scale, float64) plus the recent-level offsets of its rows."""
+        if self.level is not None:
+            raw += self.level(x_cat[:, self._level_col])
+        return raw
 
     def engineer(self, df: pd.DataFrame, source: str = "request") -> pd.DataFrame:
         """Validate raw rows and compute the engineered features exactly as in training."""
@@ -145,7 +159,7 @@ class TabularPredictor(Predictor):
             if rule.column in feats:
                 fixed |= numbers(feats[rule.column]) == rule.equals
         x_cat, x_cont = self.processor.transform_arrays(feats, n)
-        raw = forward_small(self.networks, (x_cat, x_cont), self._small)
+        raw = self._leveled(forward_small(self.networks, (x_cat, x_cont), self._small), x_cat)
         pred = np.exp(raw) if self.target_transform == "log" else raw
         pred[fixed] = 0.0
         return pred
@@ -208,8 +222,9 @@ class TabularPredictor(Predictor):
         fixed = self.fixed_rows(feats)
         if on_features is not None:
             on_features(feats, fixed)
-        outs = forward_members(self.networks, self.processor.transform(feats), self._small).astype(np.float64)
-        raw = outs.mean(axis=0)
+        x_cat, x_cont = self.processor.transform(feats)
+        outs = forward_members(self.networks, (x_cat, x_cont), self._small).astype(np.float64)
+        raw = self._leveled(outs.mean(axis=0), x_cat)
         pred = np.exp(raw) if self.target_transform == "log" else raw
         spread = outs.std(axis=0)
         pred[fixed] = 0.0
@@ -307,7 +322,7 @@ class TabularPredictor(Predictor):
         if on_features is not None:
             on_features(feats, fixed)
         x_cat, x_cont = self.processor.transform(feats)
-        raw = forward_chunks(self.networks, (x_cat, x_cont), self._small).astype(np.float64)
+        raw = self._leveled(forward_chunks(self.networks, (x_cat, x_cont), self._small).astype(np.float64), x_cat)
         pred = np.exp(raw) if self.target_transform == "log" else raw
         pred[fixed] = 0.0
         if forest is None:

@@ -275,6 +275,7 @@ def train_rossmann_cmd(
     refit: Annotated[bool, _opt(Ross, "refit", "--refit/--no-refit")] = Ross.refit,
     parallel_refit: Annotated[bool, _opt(Ross, "parallel_refit", "--parallel-refit/--no-parallel-refit")] = Ross.parallel_refit,
     precision: Annotated[str, _opt(Ross, "precision")] = Ross.precision,
+    level_days: Annotated[int, _opt(Ross, "level_days")] = Ross.level_days,
     layers: Annotated[str, _opt(Ross, "layers")] = _layers_text(Ross.layers),
     wd: Annotated[float, _opt(Ross, "wd", min=0.0)] = Ross.wd,
     seed: SeedOpt = Ross.seed,
@@ -291,7 +292,7 @@ def train_rossmann_cmd(
     cfg = dict(train=train, store=store, external_dir=external_dir, trends=trends, valid_days=valid_days, calendar=calendar,
                epochs=epochs, lr=lr, batch_size=batch_size, steps=steps, min_epochs=min_epochs, ensemble=ensemble,
                ensemble_kind=ensemble_kind, cycle_epochs=cycle_epochs, refit=refit, parallel_refit=parallel_refit,
-               precision=precision,
+               precision=precision, level_days=level_days,
                layers=_parse_layers(layers),
                wd=wd, seed=seed, experiment=experiment, register=register, force=force, quiet=quiet)
     _run_train(ctx, lambda: train_rossmann(RossmannConfig(**cfg)), as_json, quiet, nproc)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tracking_env import tracking_env
 
 
 @pytest.fixture
@@ -40,11 +41,8 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     root = tmp_path_factory.mktemp("model_store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    old_env, old_cwd = os.environ.get("MLFLOW_TRACKING_URI"), Path.cwd()
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    os.chdir(root)
-    try:
+    with tracking_env(uri, root):
+        mlflow.set_tracking_uri(uri)
         ross = write_rossmann(root / "rossmann", stores=12, days=300, seed=0)
         rat = write_ratings(root / "ratings", users=200, items=300, ratings=10_000, seed=0)
         r1 = train_rossmann(RossmannConfig(train=str(ross["train.csv"]), store=str(ross["store.csv"]),
@@ -52,12 +50,6 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
                                            forest_rows=5_000, forest_trees=10))
         r2 = train_ratings(RatingsConfig(ratings=str(rat["u.data"]), items=str(rat["movies.csv"]),
                                          epochs=3, lr="1e-2", batch_size=256, register="ratings", quiet=True))
-    finally:
-        os.chdir(old_cwd)
-        if old_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old_env
     return {"tracking_uri": uri, "root": root, "rossmann_data": ross, "ratings_data": rat,
             "rossmann": r1, "ratings": r2}
 

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
+from tracking_env import tracking_env
 
 from modeling.bundle import load_bundle
 from modeling.errors import DataError
@@ -52,12 +53,9 @@ def runs(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dic
 
     root = tmp_path_factory.mktemp("runs")
     uri = f"sqlite:///{root / 'm.db'}"
-    old_env, old_cwd = os.environ.get("MLFLOW_TRACKING_URI"), Path.cwd()
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    os.chdir(root)
     base = {"train": str(data["train.csv"]), "store": str(data["store.csv"]), "epochs": 3, **SMALL}
-    try:
+    with tracking_env(uri, root):
+        mlflow.set_tracking_uri(uri)
         out = {
             "refit": train_rossmann(RossmannConfig(**base, ensemble=1)),
             "refit_after": train_rossmann(RossmannConfig(**base, ensemble=1, parallel_refit=False)),
@@ -67,12 +65,6 @@ def runs(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dic
         }
         for res in out.values():  # local bundle directories, read while the store is current
             res["bundle"] = str(load_bundle(res["model_uri"]).path)
-    finally:
-        os.chdir(old_cwd)
-        if old_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old_env
     return {**out, "uri": uri, "base": base}
 
 
@@ -157,7 +149,8 @@ def test_reported_valid_metric_is_the_final_weights_not_a_pick(runs):
     history = [m.value for m in sorted(MlflowClient(runs["uri"]).get_metric_history(res["run_id"], "epoch/valid_rmspe"),
                                        key=lambda m: m.step)]
     assert len(history) == 3
-    assert res["metrics"]["valid_rmspe"] == pytest.approx(history[-1], rel=1e-5)
+    # the per-epoch figures are the networks' alone; the reported one adds the recent-level correction
+    assert res["metrics"]["valid_rmspe_networks_only"] == pytest.approx(history[-1], rel=1e-5)
     assert res["metrics"]["valid_rmspe_best_epoch_selected_on_valid"] == pytest.approx(min(history), rel=1e-6)
 
 
@@ -173,7 +166,7 @@ def test_snapshot_ensemble_is_one_bundle_averaged_in_log_space(runs, data):
     xs = (torch.from_numpy(x_cat), torch.from_numpy(x_cont))
     with torch.no_grad():
         logs = torch.stack([net(*xs) for net in bundle.networks])
-    want = np.exp(logs.mean(0).numpy().astype(np.float64))
+    want = np.exp(logs.mean(0).numpy().astype(np.float64) + pred.level(x_cat[:, pred.processor.cat_names_out.index("Store")]))
     want[pred.fixed_rows(feats)] = 0.0
     np.testing.assert_allclose(out, want, rtol=1e-5)
     assert not np.allclose(np.exp(logs[0].numpy()), np.exp(logs[1].numpy()), rtol=1e-3)  # members differ
@@ -207,6 +200,81 @@ def test_seed_ensemble_first_member_is_the_single_model(runs):
     raw, valid, sales = _valid_rows(runs)
     assert rmspe(sales[valid], load_predictor(runs["seeds"]["bundle"]).predict(raw)[valid]) == pytest.approx(
         runs["seeds"]["metrics"]["valid_rmspe"], rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def shifted(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The `data` set with stores 1-5 selling 30% more over the last 100 days (a refurbishment, say),
+    trained with refit: a level the networks, which see each store's whole history, cannot know."""
+    root = tmp_path_factory.mktemp("shifted")
+    train = pd.read_csv(data["train.csv"], dtype={"StateHoliday": str})
+    dates = pd.to_datetime(train["Date"])
+    moved = (train["Store"] <= 5) & (dates > dates.max() - pd.Timedelta(days=100))
+    train.loc[moved, "Sales"] = np.rint(train.loc[moved, "Sales"] * 1.3).astype(int)
+    train.to_csv(root / "train.csv", index=False)
+    cfg = RossmannConfig(train=str(root / "train.csv"), store=str(data["store.csv"]), epochs=3, ensemble=1, **SMALL)
+    uri = f"sqlite:///{root / 'm.db'}"
+    with tracking_env(uri, root):
+        res = train_rossmann(cfg)
+        res["bundle"] = str(load_bundle(res["model_uri"]).path)
+    return {"res": res, "cfg": cfg, "uri": uri}
+
+
+def test_recent_level_follows_stores_that_moved(shifted):
+    """Stores whose sales rose lately get positive offsets, the others about none; the validation
+    figure improves on the networks alone; the bundle's offsets are the refit networks' residuals
+    over the last `level_days` days of ALL rows (train + valid), not the validation run's."""
+    from modeling.level import LEVEL_OFFSETS, level_of
+
+    res, cfg = shifted["res"], shifted["cfg"]
+    bundle = load_bundle(res["bundle"])
+    spec = bundle.spec.level
+    assert spec is not None and spec["days"] == 42 and spec["applied"] and spec["persistence_t"] >= 2
+    d = prepare(cfg)
+    col = d.processor.cat_names_out.index("Store")
+    n_codes = len(d.processor.vocab["Store"]) + 1
+    xs = tuple(torch.cat([a, b]) for a, b in zip(d.train.xs, d.valid.xs, strict=True))
+    dates = np.concatenate([d.train_rows["Date"].to_numpy(), d.valid_rows["Date"].to_numpy()])
+    want = level_of(bundle.networks, xs, torch.cat([d.train.y, d.valid.y]), dates, 42, "Store", col, n_codes)
+    offsets = bundle.extras[LEVEL_OFFSETS].numpy()
+    np.testing.assert_allclose(offsets, want.offsets, atol=1e-6)
+    # the same networks on the training rows only give other offsets (the refit's saw the valid weeks)
+    early = level_of(bundle.networks, d.train.xs, d.train.y, d.train_rows["Date"].to_numpy(), 42, "Store", col,
+                     n_codes)
+    assert not np.allclose(early.offsets, offsets, atol=1e-4)
+    vocab = [str(v) for v in d.processor.vocab["Store"]]
+    code = {k: vocab.index(str(k)) + 1 for k in range(1, 11)}
+    moved, still = offsets[[code[k] for k in range(1, 6)]], offsets[[code[k] for k in range(6, 11)]]
+    assert moved.mean() > still.mean() + 0.05  # a small network's own errors blur the single stores
+    m = res["metrics"]
+    assert m["valid_rmspe"] < 0.9 * m["valid_rmspe_networks_only"]
+    assert m["level_sigma"] > 0 and m["level_tau"] > 0.03 and m["level_applied"] == 1.0
+    # the analyst reads what it did in the run's description
+    note = MlflowClient(shifted["uri"]).get_run(res["run_id"]).data.tags["mlflow.note.content"]
+    assert f"{m['valid_rmspe_networks_only']:.4f} from the networks alone, {m['valid_rmspe']:.4f} with it" in note
+
+
+def test_level_days_0_keeps_the_networks_alone(data, tmp_path, monkeypatch):
+    res, db = _cli(data, tmp_path, "--steps", "60", "--min-epochs", "1", "--layers", "16", "--ensemble", "1",
+                   "--no-refit", "--lr", "3e-3", "--level-days", "0")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert "valid_rmspe_networks_only" not in out["metrics"]
+    client = MlflowClient(f"sqlite:///{db}")
+    last = client.get_metric_history(out["run_id"], "epoch/valid_rmspe")[-1].value
+    assert out["metrics"]["valid_rmspe"] == pytest.approx(last, rel=1e-5)
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)  # the CLI's run stored its artifacts under its working directory
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    try:
+        bundle = load_bundle(out["model_uri"])
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert bundle.spec.level is None and not any(k.startswith("level/") for k in bundle.extras)
+    assert load_predictor(str(bundle.path)).level is None
 
 
 def test_auto_epochs_and_batch_size_follow_the_data_size():
@@ -305,6 +373,7 @@ def _cli(data: dict, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedP
     (["--ensemble-kind", "bagging"], "--ensemble-kind"),
     (["--cycle-epochs", "0"], "--cycle-epochs"),
     (["--precision", "fp16"], "--precision"),
+    (["--level-days", "-1"], "--level-days"),
 ])
 def test_bad_options_exit_2_naming_the_option_and_leave_no_run(data, tmp_path, args, option):
     res, db = _cli(data, tmp_path, *args)
@@ -361,3 +430,22 @@ def test_members_spread_beside_the_prediction(runs, data):
     assert (spread[closed] == 0).all() and (spread[~closed] > 0).all() and np.isfinite(spread).all()
     with pytest.raises(DataError, match="ensemble"):
         load_predictor(runs["no_refit"]["bundle"]).predict_with_member_spread(test)
+
+
+def test_recent_level_is_on_every_scoring_path(shifted):
+    """Small requests (records), the frame path and the networks plus offsets agree."""
+    pred = load_predictor(shifted["res"]["bundle"])
+    assert pred.level is not None and pred.level.applied
+    raw = pd.read_csv(shifted["cfg"].train, dtype={"StateHoliday": str}).tail(40).drop(columns=["Sales", "Customers"])
+    frame = pred.predict(raw)
+    records = pred.predict_records(raw.to_dict("records"))
+    assert records is not None
+    np.testing.assert_allclose(records, frame, rtol=1e-9)
+    feats = pred.engineer(raw)
+    x_cat, x_cont = pred.processor.transform(feats)
+    with torch.no_grad():
+        alone = pred.networks[0](torch.from_numpy(x_cat), torch.from_numpy(x_cont)).numpy().astype(np.float64)
+    want = np.exp(alone + pred.level(x_cat[:, pred.processor.cat_names_out.index("Store")]))
+    want[pred.fixed_rows(feats)] = 0.0
+    np.testing.assert_allclose(frame, want, rtol=1e-5)
+    assert not np.allclose(frame[want > 0], np.exp(alone)[want > 0], rtol=1e-3)  # the offsets moved them

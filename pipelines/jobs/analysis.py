@@ -108,8 +108,30 @@ def rossmann_analysis(data: PreparedData, fit: Fitted, checks: Checks, seed: int
         plots=plots,
         tables={"error_breakdown.csv": table, "worst_stores.csv": worst, "partial_dependence.csv": _pd_table(pds)},
         highlights=["plots/pred_vs_actual.png", "plots/error_breakdown.png", "plots/partial_dependence.png"],
-        findings=_findings(table, "rmspe", overall) + _worst_line(worst, "Store", "rmspe"),
+        findings=_findings(table, "rmspe", overall) + _worst_line(worst, "Store", "rmspe") + _level_line(fit, y_true),
     )
+
+
+def _level_line(fit: Fitted, y_true: np.ndarray) -> list[str]:
+    """What the recent-level correction (modeling/level.py) did to the validation figure."""
+    if fit.level is None or "valid_pred_networks" not in fit.info:
+        return []
+    alone = np.exp(np.asarray(fit.info["valid_pred_networks"], dtype=np.float64))
+    before = float(np.sqrt(inspection.squared_errors(y_true, alone, "rmspe")[0].mean()))
+    after = float(np.sqrt(inspection.squared_errors(y_true, np.exp(fit.valid_pred.astype(np.float64)),
+                                                   "rmspe")[0].mean()))
+    lvl = fit.level
+    if not lvl.applied:
+        t = lvl.persistence_t
+        why = (f"too few stores with rows in both of the last two {lvl.days}-day windows to check that levels persist"
+               if np.isnan(t) else
+               f"the stores' mean log residuals over the last {lvl.days} training days were not shown to persist "
+               f"from the {lvl.days} days before (t = {t:.1f}, under 2)" if t < 2 else
+               f"the stores' mean log residuals over the last {lvl.days} training days are no wider than their noise")
+        return [f"Recent-level correction not applied: {why}; valid RMSPE {before:.4f} is the networks' alone."]
+    return [f"Recent-level correction (each store's mean log residual over the last {lvl.days} training days, "
+            f"shrunk: spread of store levels {lvl.tau:.3f} against residual noise {lvl.sigma:.3f}; persistence "
+            f"t = {lvl.persistence_t:.1f}): valid RMSPE {before:.4f} from the networks alone, {after:.4f} with it."]
 
 
 def _day_names(grid: inspection.FeatureGrid) -> inspection.FeatureGrid:

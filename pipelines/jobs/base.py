@@ -128,6 +128,9 @@ class Fitted:
     refit: Trained | None = None
     info: dict[str, Any] = field(default_factory=dict)  # the validation run's `Trained.info`
     wall_seconds: float = 0.0  # wall time of the validation run and the refit (side by side or one after the other)
+    # fitted by `job.calibrate` (e.g. RecentLevel): the validation run's (in valid_pred), the bundle's
+    level: Any = None
+    logged_level: Any = None
 
     def __post_init__(self) -> None:
         if not self.networks:
@@ -263,6 +266,10 @@ class TrainingJob(ABC, Generic[ConfigT, DataT]):
         same engine; runs on every rank after the main fit. Returns their training seconds."""
         return 0.0
 
+    def calibrate(self, fit: Fitted) -> None:
+        """Fit what follows the networks (`fit.level`, `fit.logged_level`) and fold the validation
+        run's into `fit.valid_pred`, before any figure is computed; by default nothing."""
+
     @abstractmethod
     def evaluate(self, fit: Fitted) -> dict[str, float]:
         """The model's final metrics (include fit.train_seconds and fit.lr where they belong)."""
@@ -333,6 +340,7 @@ def run_job(job: TrainingJob[Any, Any]) -> dict[str, Any] | None:
         valid_pred = predict_mean(trained.networks, data.valid.xs).numpy() if job.objective() is None else None
         fit = Fitted(trained.networks[0], trained.history, lr, trained.seconds, valid_pred, tmp,
                      networks=trained.networks, refit=refit, info=trained.info, wall_seconds=wall_seconds)
+        job.calibrate(fit)
         metrics = job.evaluate(fit)
         if refit is not None:
             metrics["refit_seconds"] = refit.seconds

@@ -134,6 +134,9 @@ class RossmannConfig:
                             "with the same settings; the run keeps the validation run's metrics.")
     parallel_refit: bool = opt(True, "Train the refit in a worker process beside the validation run, each with "
                                      "half of the CPU threads (CPU only, two threads or more); off: after it.")
+    level_days: int = opt(42, "Recent-level correction: each store's mean residual over the last N days of the "
+                              "training rows (log scale), shrunk by empirical Bayes, is added to its forecasts "
+                              "(modeling/level.py); 0: off.")
     layers: tuple[int, ...] = opt((500, 250), "Hidden layer sizes, comma-separated.")
     ps: tuple[float, ...] = (0.001, 0.01)
     embed_p: float = 0.04
@@ -165,6 +168,8 @@ class RossmannConfig:
             raise DataError("--cycle-epochs must be >= 1 or 'auto'")
         if self.steps < 1:
             raise DataError(f"--steps (the step budget) must be >= 1, got {self.steps}")
+        if self.level_days < 0:
+            raise DataError(f"--level-days must be >= 0 (0: no recent-level correction), got {self.level_days}")
         if self.min_epochs < 1:
             raise DataError(f"--min-epochs must be >= 1, got {self.min_epochs}")
         if self.precision not in PRECISIONS:

@@ -29,19 +29,8 @@ from modeling.bundle import (
 )
 from modeling.embeddings import get_emb_szs
 from modeling.errors import DataError
-from modeling.forest import (
-    ForestConfig,
-    adversarial_validation,
-    embedding_features,
-    error_by_confidence,
-    permutation_importance_check,
-    plot_adversarial,
-    plot_confidence,
-    plot_importance,
-    rf_baseline,
-    tree_confidence,
-)
-from modeling.metrics import exp_rmspe, rmspe
+from modeling.level import LEVEL_OFFSETS, RecentLevel, level_of
+from modeling.metrics import exp_rmspe
 from modeling.processor import TabularProcessor
 from modeling.tabular import TabularModel, new_tabular_model
 from modeling.training import Callback, LRFinderResult, TensorData, distributed
@@ -76,6 +65,7 @@ from pipelines.jobs.base import (
     seeded_lr_find,
 )
 from pipelines.jobs.config import AUTO, RossmannConfig
+from pipelines.jobs.rossmann_checks import log_rmspe, run_forest_checks, spread_forest
 
 __all__ = ["RossmannConfig", "RossmannJob", "PreparedData", "auto_batch_size", "auto_cycle_epochs", "auto_epochs",
            "build_model", "drift_sample", "find_lr", "log_rmspe", "prepare", "resolve_options", "rmspe_metric", "run_forest_checks",
@@ -83,6 +73,7 @@ __all__ = ["RossmannConfig", "RossmannJob", "PreparedData", "auto_batch_size", "
 
 log = logging.getLogger("tabrec.train.rossmann")
 
+LEVEL_COLUMN = "Store"  # the entity whose recent level `--level-days` corrects
 RAW_COLUMNS = ["Store", "DayOfWeek", "Date", "Open", "Promo", "StateHoliday", "SchoolHoliday"]
 
 
@@ -186,6 +177,40 @@ class RossmannJob(TrainingJob[RossmannConfig, PreparedData]):
         tr, va = self.data.train, self.data.valid
         return TensorData(tuple(torch.cat([a, b]) for a, b in zip(tr.xs, va.xs, strict=True)), torch.cat([tr.y, va.y]))
 
+    def level(self, networks: list[nn.Module], refit: bool) -> RecentLevel:
+        """The recent-level correction of `networks`: from their residuals over the last
+        `level_days` days of the rows they trained on (the training rows; train + valid for a refit)."""
+        d = self.data
+        rows, dates = d.train, d.train_rows["Date"].to_numpy()
+        if refit:
+            all_rows = self.refit_rows()
+            assert all_rows is not None, "a refit's level needs --refit"
+            rows = all_rows
+            dates = np.concatenate([dates, d.valid_rows["Date"].to_numpy()])
+        col = d.processor.cat_names_out.index(LEVEL_COLUMN)
+        return level_of(networks, rows.xs, rows.y, dates, self.cfg.level_days, LEVEL_COLUMN, col,
+                        len(d.processor.vocab[LEVEL_COLUMN]) + 1)
+
+    def valid_level(self, level: RecentLevel | None) -> np.ndarray | float:
+        """`level`'s offsets for the validation rows (0 without one)."""
+        if level is None:
+            return 0.0
+        return level(self.data.valid.xs[0][:, self.data.processor.cat_names_out.index(level.column)].numpy())
+
+    def calibrate(self, fit: Fitted) -> None:
+        """The recent-level correction (`--level-days`, modeling/level.py): fitted on the validation
+        run's training rows and folded into its validation predictions; the logged networks' (the
+        refit's) is fitted on all rows and goes into the bundle."""
+        if self.cfg.level_days < 1 or fit.valid_pred is None:
+            return
+        fit.info["valid_pred_networks"] = fit.valid_pred
+        fit.level = self.level(fit.networks, refit=False)
+        fit.valid_pred = fit.valid_pred + self.valid_level(fit.level)
+        fit.logged_level = self.level(fit.refit.networks, refit=True) if fit.refit is not None else fit.level
+        log.info("recent level (last %d days): tau %.4f, sigma %.4f over %d stores, persistence t %.1f: %s",
+                 self.cfg.level_days, fit.level.tau, fit.level.sigma, fit.level.entities, fit.level.persistence_t,
+                 "applied" if fit.level.applied else "not applied (levels not shown to persist)")
+
     def evaluate(self, fit: Fitted) -> dict[str, float]:
         """Validation figures of the validation run's final weights (the ensemble's mean), never a
         pick among epochs; the best per-epoch figure is kept under a name that says it was selected
@@ -202,10 +227,20 @@ class RossmannJob(TrainingJob[RossmannConfig, PreparedData]):
                    "seconds_per_epoch": fit.train_seconds / max(1, epochs_trained), "lr": fit.lr,
                    "ensemble_members": float(len(fit.networks)),
                    "epochs": float(self.cfg.epochs), "batch_size": float(self.cfg.batch_size)}
+        leveled = fit.level is not None
+
+        def with_level(networks: list[nn.Module], pred: np.ndarray) -> np.ndarray:
+            # each member (and first-k mean) with the level fitted on its own residuals: what it would serve
+            return pred + self.valid_level(self.level(networks, refit=False)) if leveled else pred
+
+        if leveled:
+            metrics.update(valid_rmspe_networks_only=log_rmspe(y, fit.info["valid_pred_networks"]),
+                           level_tau=fit.level.tau, level_sigma=fit.level.sigma,
+                           level_persistence_t=fit.level.persistence_t, level_applied=float(fit.level.applied))
         if len(fit.networks) > 1:
             preds = [predict_mean([net], self.data.valid.xs).numpy() for net in fit.networks]
             for i, p in enumerate(preds):
-                metrics[f"valid_rmspe_member_{i}"] = log_rmspe(y, p)
+                metrics[f"valid_rmspe_member_{i}"] = log_rmspe(y, with_level([fit.networks[i]], p))
             # seconds of training behind each member (snapshot: the run up to its cycle's end)
             member_seconds = [float(s) for s in fit.info.get("member_seconds", [])]
             for i, sec in enumerate(member_seconds):
@@ -215,7 +250,7 @@ class RossmannJob(TrainingJob[RossmannConfig, PreparedData]):
             total = np.zeros_like(preds[0])
             for k, p in enumerate(preds, start=1):
                 total += p
-                metrics[f"valid_rmspe_first_{k}"] = log_rmspe(y, total / k)
+                metrics[f"valid_rmspe_first_{k}"] = log_rmspe(y, with_level(fit.networks[:k], total / k))
                 if len(member_seconds) == len(preds):
                     snapshot = self.cfg.ensemble_kind == "snapshot"
                     metrics[f"train_seconds_first_{k}"] = member_seconds[k - 1] if snapshot else sum(member_seconds[:k])
@@ -242,13 +277,18 @@ class RossmannJob(TrainingJob[RossmannConfig, PreparedData]):
             target=Target("Sales", "log"), zero_when=[ZeroRule("Open", 0)], key_columns=["Id"],
             y_range=list(model.config()["y_range"]), metrics={k: float(v) for k, v in metrics.items()},
             data_fingerprint=fingerprint, training=training, run_id=run_id, uncertainty=uncertainty,
+            level=fit.logged_level.describe() if fit.logged_level is not None else None,
         )
+        if fit.logged_level is not None:
+            spread_tensors[LEVEL_OFFSETS] = torch.from_numpy(fit.logged_level.offsets)
         log.info("forest baseline RMSPE %.4f, adversarial AUC %.3f; logging the model",
                  metrics["rf_valid_rmspe"], metrics["adversarial_auc"])
         example = data.raw_valid.head(5).copy()
         example["Date"] = example["Date"].dt.strftime("%Y-%m-%d")
         example["Open"] = example["Open"].astype("float64")  # test.csv has missing Open values
-        example_pred = predict_mean(networks, tuple(x[:5] for x in data.valid.xs)).numpy()
+        example_pred = predict_mean(networks, tuple(x[:5] for x in data.valid.xs)).numpy().astype(np.float64)
+        if fit.logged_level is not None:
+            example_pred += fit.logged_level(data.valid.xs[0][:5, data.processor.cat_names_out.index(LEVEL_COLUMN)].numpy())
         return BundleParts(spec, networks, extras={**drift_sample(data.train, cfg.seed), **spread_tensors},
                            features=data.pipeline, example=example,
                            example_pred=np.exp(example_pred).astype(np.float64))
@@ -368,80 +408,11 @@ def rmspe_metric(pred: torch.Tensor, target: torch.Tensor) -> float:
     return exp_rmspe(target, pred)
 
 
-def log_rmspe(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    return rmspe(np.exp(y_true), np.exp(y_pred))
-
-
-def _codes_frame(data: TensorData, proc: TabularProcessor) -> pd.DataFrame:
-    x_cat, x_cont = data.xs
-    frame = pd.DataFrame(x_cat.numpy(), columns=proc.cat_names_out)
-    for j, name in enumerate(proc.cont_names):
-        frame[name] = x_cont[:, j].numpy()
-    return frame
-
-
-def run_forest_checks(cfg: RossmannConfig, data: PreparedData, model: TabularModel, tmp: Path) -> Checks:
-    """Baseline, adversarial validation, importance, confidence, OOB and embedding-fed forest."""
-    fcfg = ForestConfig(n_estimators=cfg.forest_trees, max_rows=cfg.forest_rows, seed=cfg.seed)
-    x_tr, x_va = _codes_frame(data.train, data.processor), _codes_frame(data.valid, data.processor)
-    y_tr, y_va = data.train.y.numpy(), data.valid.y.numpy()
-    metric = log_rmspe
-    base = rf_baseline(x_tr, y_tr, x_va, y_va, metric, fcfg)
-    adv = adversarial_validation(x_tr, x_va, cfg=ForestConfig(n_estimators=30, max_rows=100_000, seed=cfg.seed))
-    importance = permutation_importance_check(base.model, x_va, y_va, metric, seed=cfg.seed)
-    spread = tree_confidence(base.model, x_va)
-    conf_bins = error_by_confidence(spread, y_va, base.valid_pred)
-    emb_cols = {c: model.embeds[j].weight.detach().numpy() for j, c in enumerate(data.processor.cat_names_out)
-                if model.embeds[j].weight.shape[1] > 1 and data.processor.cardinalities[c] > 50}
-    emb_fcfg = ForestConfig(n_estimators=cfg.forest_trees, max_rows=min(cfg.forest_rows, 100_000), seed=cfg.seed)
-    emb_rf = rf_baseline(embedding_features(x_tr, emb_cols), y_tr, embedding_features(x_va, emb_cols), y_va,
-                         metric, emb_fcfg)
-    plots: list[Path | None] = [
-        plot_importance(importance[:25], tmp / "rf_importance.png", "Permutation importance (valid RMSPE increase)"),
-        plot_adversarial(adv, tmp / "adversarial_validation.png"),
-        plot_confidence(conf_bins, tmp / "rf_confidence.png"),
-    ]
-    return Checks(
-        metrics={"rf_valid_rmspe": base.valid_score, "rf_oob_r2": base.oob_r2,
-                 "adversarial_auc": adv.auc, "rf_embeddings_valid_rmspe": emb_rf.valid_score,
-                 "rf_train_seconds": base.train_seconds},
-        report={"baseline": base.to_dict(), "adversarial": _asdict(adv), "importance": importance[:40],
-                "confidence_bins": conf_bins, "embedding_forest": emb_rf.to_dict(),
-                "embedding_columns": sorted(emb_cols)},
-        plots=plots,
-    )
-
-
-def _asdict(obj: Any) -> Any:
-    return obj.to_dict() if hasattr(obj, "to_dict") else asdict(obj)
-
-
 def drift_sample(train: TensorData, seed: int, n: int = 5000) -> dict[str, torch.Tensor]:
     """A seeded sample of processed training features, kept in the bundle for batch drift checks."""
     rng = np.random.default_rng(seed)
     idx = torch.from_numpy(np.sort(rng.choice(len(train), size=min(n, len(train)), replace=False)))
     return {DRIFT_X_CAT: train.xs[0][idx], DRIFT_X_CONT: train.xs[1][idx]}
-
-
-def spread_forest(cfg: RossmannConfig, data: PreparedData,
-                  valid_pred: np.ndarray) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """A node-capped forest on the processed training features, as plain arrays for the bundle
-    (`score --uncertainty`: spread = std of its trees' predictions of log(Sales)), and its
-    description, with the model's validation RMSE (log scale) per spread bin."""
-    if cfg.spread_trees < 1:
-        return {}, None
-    from modeling.forest import fit_spread_forest
-
-    fcfg = ForestConfig(n_estimators=cfg.spread_trees, max_leaf_nodes=cfg.spread_leaves,
-                        max_rows=cfg.forest_rows, seed=cfg.seed)
-    sf = fit_spread_forest(_codes_frame(data.train, data.processor), data.train.y.numpy(), fcfg)
-    _, spread_va = sf.arrays.spread(_codes_frame(data.valid, data.processor).to_numpy(np.float32))
-    info = {**sf.info(), "target": "log(Sales)",
-            "spread": "std over the trees of their predictions of log(Sales); 0 where a zero_when rule applies",
-            "valid_bins": error_by_confidence(spread_va, data.valid.y.numpy(), valid_pred)}
-    log.info("spread forest: %d trees, %d nodes (%.2f MB) in %.1f s", sf.arrays.n_trees, sf.arrays.n_nodes,
-             sf.arrays.nbytes / 1e6, sf.train_seconds)
-    return {k: torch.from_numpy(v) for k, v in sf.arrays.to_arrays().items()}, info
 
 
 def _embedding_maps(model: TabularModel, data: PreparedData, tmp: Path) -> list[Path]:
