@@ -27,6 +27,7 @@ bundle's extras) and a JSON description (the bundle spec's `level`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,23 +142,24 @@ class RecentLevel:
                    float(doc.get("persistence", "nan")), float(doc.get("persistence_t", "nan")))
 
 
-def level_of(networks: Any, xs: Any, y: Any, dates: np.ndarray, days: int, column: str, col_index: int,
+def level_of(networks: Any, parts: Sequence[tuple[Any, Any, np.ndarray]], days: int, column: str, col_index: int,
              n_codes: int) -> RecentLevel:
     """`RecentLevel.fit` on the residuals of `networks` (their mean, as the bundle averages them) over
-    the rows of (xs, y) dated in the last `days` days of `dates` (one datetime64 per row), with the
-    `days` days before them as the earlier window; xs[0] holds the categorical codes, `column` at
-    `col_index`."""
+    the rows dated in the last `days` days, with the `days` days before them as the earlier window.
+    `parts`: (xs, y, dates) row sets taken together (e.g. train and valid; one datetime64 per row);
+    only their rows in the two windows are gathered, never the whole sets. xs[0] holds the
+    categorical codes, `column` at `col_index`."""
     import torch
 
     from modeling.training.ensemble import predict_mean
 
-    dates = np.asarray(dates, dtype="datetime64[D]")
-    start = dates.max() - np.timedelta64(days, "D")
-    rows = np.flatnonzero(dates > start - np.timedelta64(days, "D"))
-    keep = torch.from_numpy(rows)
-    part = tuple(x[keep] for x in xs)
-    residuals = y[keep].numpy().astype(np.float64) - predict_mean(networks, part).numpy().astype(np.float64)
-    codes = part[0][:, col_index].numpy()
-    last = dates[rows] > start
+    dates = [np.asarray(d, dtype="datetime64[D]") for _, _, d in parts]
+    start = max(d.max() for d in dates) - np.timedelta64(days, "D")
+    picks = [torch.from_numpy(np.flatnonzero(d > start - np.timedelta64(days, "D"))) for d in dates]
+    xs = tuple(torch.cat([p[0][j][k] for p, k in zip(parts, picks, strict=True)]) for j in range(len(parts[0][0])))
+    y = torch.cat([p[1][k] for p, k in zip(parts, picks, strict=True)])
+    last = np.concatenate([d[k.numpy()] for d, k in zip(dates, picks, strict=True)]) > start
+    residuals = y.numpy().astype(np.float64) - predict_mean(networks, xs).numpy().astype(np.float64)
+    codes = xs[0][:, col_index].numpy()
     return RecentLevel.fit(column, days, codes[last], residuals[last], n_codes,
                            earlier=(codes[~last], residuals[~last]))

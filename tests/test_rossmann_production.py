@@ -233,14 +233,13 @@ def test_recent_level_follows_stores_that_moved(shifted):
     d = prepare(cfg)
     col = d.processor.cat_names_out.index("Store")
     n_codes = len(d.processor.vocab["Store"]) + 1
-    xs = tuple(torch.cat([a, b]) for a, b in zip(d.train.xs, d.valid.xs, strict=True))
-    dates = np.concatenate([d.train_rows["Date"].to_numpy(), d.valid_rows["Date"].to_numpy()])
-    want = level_of(bundle.networks, xs, torch.cat([d.train.y, d.valid.y]), dates, 42, "Store", col, n_codes)
+    train = (d.train.xs, d.train.y, d.train_rows["Date"].to_numpy())
+    want = level_of(bundle.networks, [train, (d.valid.xs, d.valid.y, d.valid_rows["Date"].to_numpy())], 42, "Store",
+                    col, n_codes)
     offsets = bundle.extras[LEVEL_OFFSETS].numpy()
     np.testing.assert_allclose(offsets, want.offsets, atol=1e-6)
     # the same networks on the training rows only give other offsets (the refit's saw the valid weeks)
-    early = level_of(bundle.networks, d.train.xs, d.train.y, d.train_rows["Date"].to_numpy(), 42, "Store", col,
-                     n_codes)
+    early = level_of(bundle.networks, [train], 42, "Store", col, n_codes)
     assert not np.allclose(early.offsets, offsets, atol=1e-4)
     vocab = [str(v) for v in d.processor.vocab["Store"]]
     code = {k: vocab.index(str(k)) + 1 for k in range(1, 11)}

@@ -108,18 +108,17 @@ def rossmann_analysis(data: PreparedData, fit: Fitted, checks: Checks, seed: int
         plots=plots,
         tables={"error_breakdown.csv": table, "worst_stores.csv": worst, "partial_dependence.csv": _pd_table(pds)},
         highlights=["plots/pred_vs_actual.png", "plots/error_breakdown.png", "plots/partial_dependence.png"],
-        findings=_findings(table, "rmspe", overall) + _worst_line(worst, "Store", "rmspe") + _level_line(fit, y_true),
+        findings=_findings(table, "rmspe", overall) + _worst_line(worst, "Store", "rmspe") + _level_line(fit, y_true, overall),
     )
 
 
-def _level_line(fit: Fitted, y_true: np.ndarray) -> list[str]:
-    """What the recent-level correction (modeling/level.py) did to the validation figure."""
+def _level_line(fit: Fitted, y_true: np.ndarray, after: float) -> list[str]:
+    """What the recent-level correction (modeling/level.py) did to the validation figure (`after`:
+    the overall RMSPE, with it)."""
     if fit.level is None or "valid_pred_networks" not in fit.info:
         return []
     alone = np.exp(np.asarray(fit.info["valid_pred_networks"], dtype=np.float64))
     before = float(np.sqrt(inspection.squared_errors(y_true, alone, "rmspe")[0].mean()))
-    after = float(np.sqrt(inspection.squared_errors(y_true, np.exp(fit.valid_pred.astype(np.float64)),
-                                                   "rmspe")[0].mean()))
     lvl = fit.level
     if not lvl.applied:
         t = lvl.persistence_t

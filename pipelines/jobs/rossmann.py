@@ -181,15 +181,11 @@ class RossmannJob(TrainingJob[RossmannConfig, PreparedData]):
         """The recent-level correction of `networks`: from their residuals over the last
         `level_days` days of the rows they trained on (the training rows; train + valid for a refit)."""
         d = self.data
-        rows, dates = d.train, d.train_rows["Date"].to_numpy()
+        parts = [(d.train.xs, d.train.y, d.train_rows["Date"].to_numpy())]
         if refit:
-            all_rows = self.refit_rows()
-            assert all_rows is not None, "a refit's level needs --refit"
-            rows = all_rows
-            dates = np.concatenate([dates, d.valid_rows["Date"].to_numpy()])
+            parts.append((d.valid.xs, d.valid.y, d.valid_rows["Date"].to_numpy()))
         col = d.processor.cat_names_out.index(LEVEL_COLUMN)
-        return level_of(networks, rows.xs, rows.y, dates, self.cfg.level_days, LEVEL_COLUMN, col,
-                        len(d.processor.vocab[LEVEL_COLUMN]) + 1)
+        return level_of(networks, parts, self.cfg.level_days, LEVEL_COLUMN, col, len(d.processor.vocab[LEVEL_COLUMN]) + 1)
 
     def valid_level(self, level: RecentLevel | None) -> np.ndarray | float:
         """`level`'s offsets for the validation rows (0 without one)."""
@@ -229,9 +225,16 @@ class RossmannJob(TrainingJob[RossmannConfig, PreparedData]):
                    "epochs": float(self.cfg.epochs), "batch_size": float(self.cfg.batch_size)}
         leveled = fit.level is not None
 
+        levels = {tuple(map(id, fit.networks)): fit.level}  # fitted once per set of networks
+
         def with_level(networks: list[nn.Module], pred: np.ndarray) -> np.ndarray:
             # each member (and first-k mean) with the level fitted on its own residuals: what it would serve
-            return pred + self.valid_level(self.level(networks, refit=False)) if leveled else pred
+            if not leveled:
+                return pred
+            key = tuple(map(id, networks))
+            if key not in levels:
+                levels[key] = self.level(networks, refit=False)
+            return pred + self.valid_level(levels[key])
 
         if leveled:
             metrics.update(valid_rmspe_networks_only=log_rmspe(y, fit.info["valid_pred_networks"]),
